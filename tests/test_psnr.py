@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffbias.diffusion import create_diffusion
+from diffbias.metrics.psnr import psnr_curve, psnr_from_mse, psnr_gap
+
+
+class OracleEps(torch.nn.Module):
+    """Knows the clean images: returns the exact noise, so one-step denoising is perfect."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        ab = create_diffusion(None).alphas_cumprod
+        self.abar = torch.tensor(ab)
+
+    def forward(self, x, t, y=None):
+        a = self.abar[t].float().view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0[: x.shape[0]]) / (1 - a).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1)
+
+
+class ZeroEps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y=None):
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+
+def test_psnr_formula_against_independent_computation():
+    # Seed eq. 4: 10 (log10 M^2 - log10 mean_k MSE_k), M = 2 (log base 10, dB)
+    mses = np.array([0.01, 0.04, 0.1])
+    assert psnr_from_mse(mses.mean()) == pytest.approx(10 * math.log10(4 / 0.05))
+
+
+def test_zero_eps_model_gives_the_closed_form_psnr():
+    # x0_hat = x_t / sqrt(abar) => error = sqrt(1-abar)/sqrt(abar) * eps; average over images first
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    df = psnr_curve(ZeroEps(), x0, respacing=10, noise_seed=5, batch_size=4)
+    diff = create_diffusion(10)
+    noise_gen = torch.Generator().manual_seed(5)
+    for i, row in df.iterrows():
+        eps = torch.randn(x0.shape, generator=noise_gen)
+        ab = diff.alphas_cumprod[i]
+        err = ((1 - ab) / ab) * eps.double().pow(2).flatten(1).mean(1)
+        assert row["psnr"] == pytest.approx(10 * math.log10(4 / err.mean().item()), rel=1e-5)
+    assert list(df["t"]) == diff.timestep_map.tolist()
+
+
+def test_oracle_has_high_psnr_and_gap_is_truncated_at_zero():
+    x0 = torch.rand(5, 1, 4, 4) * 2 - 1
+    df = psnr_curve(OracleEps(x0), x0, respacing=5)
+    assert (df["psnr"] > 80).all()
+    gap = psnr_gap(ZeroEps(), x0, x0 * 0.5, respacing=5)
+    assert (gap["gap"] >= 0).all()
+    assert (gap["gap"] == (gap["psnr_train"] - gap["psnr_test"]).clip(lower=0)).all()
+
+
+def test_same_noise_for_every_model():
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+    a = psnr_curve(ZeroEps(), x0, respacing=5, noise_seed=1)
+    b = psnr_curve(ZeroEps(), x0, respacing=5, noise_seed=1, batch_size=1)
+    np.testing.assert_allclose(a["psnr"], b["psnr"], rtol=1e-6)

@@ -1,0 +1,377 @@
+"""SLURM execution: the project's profile (slurm/config.yaml) on a real local cluster.
+
+Start the cluster first (root, Debian):  bash scripts/slurm-local.sh start
+Run:                                     pytest -m slurm tests/test_slurm.py -s
+
+The `slurm`-marked tests are skipped unless `sinfo` answers. They use the project profile with the
+test-only overrides layered on top (``--profile slurm --profile tests/slurm``):
+
+* test_workflow_jobs_complete_on_slurm: a micro workflow (the project's ``workflow/configs/micro.yaml``
+  study when the Snakefile and that config exist, else a self-contained tiny Snakefile) runs through
+  the cluster; every non-local job must be a SLURM job that sacct reports COMPLETED.
+* test_timeout_then_resumed_retry: a rule with ``runtime: 1`` (minute) hits the time limit (TIMEOUT),
+  is re-submitted with a longer runtime (``attempt * 1``) and resumes from a side checkpoint file.
+
+The timeout workflow takes about 3 minutes (SLURM checks time limits every ~30 s and the executor
+plugin's status polling backs off by 10 s per round); it is started in the background by a module
+fixture so that the first test runs meanwhile. The profile checks at the bottom need no cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_PROFILE = REPO / "slurm"
+TEST_PROFILE = REPO / "tests" / "slurm"
+MICRO_CONFIG = Path("workflow") / "configs" / "micro.yaml"
+
+# keys tests/slurm/config.yaml may set on top of slurm/config.yaml (and nothing else)
+ALLOWED_TEST_OVERRIDES = {
+    "jobs",
+    "latency-wait",
+    "seconds-between-status-checks",
+    "slurm-init-seconds-before-status-checks",
+    "slurm-keep-successful-logs",
+}
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Partition,Account,Comment,AllocTRES"
+
+
+def _cluster_up() -> tuple[bool, str]:
+    if shutil.which("sinfo") is None:
+        return False, "no `sinfo` on PATH (start the test cluster: bash scripts/slurm-local.sh start)"
+    try:
+        r = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"`sinfo` failed ({e}); start the test cluster: bash scripts/slurm-local.sh start"
+    if r.returncode != 0 or not r.stdout.strip():
+        return False, (
+            f"`sinfo` does not work ({r.stderr.strip() or 'no partitions'}); "
+            "start the test cluster: bash scripts/slurm-local.sh start"
+        )
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        return False, "snakemake-executor-plugin-slurm is not installed"
+    return True, ""
+
+
+_UP, _WHY = _cluster_up()
+
+
+# --------------------------------------------------------------------------- helpers
+def _default_partition() -> str:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
+    parts = out.split()
+    return next((p.rstrip("*") for p in parts if p.endswith("*")), parts[0].rstrip("*"))
+
+
+def _user_account() -> str | None:
+    """An account the current user may submit to (sacctmgr association), if any."""
+    user = os.environ.get("USER") or __import__("getpass").getuser()
+    r = subprocess.run(
+        ["sacctmgr", "-n", "-P", "-s", "list", "user", user, "format=account"],
+        capture_output=True, text=True,
+    )
+    accounts = [a.strip() for a in r.stdout.split() if a.strip()]
+    return accounts[0] if r.returncode == 0 and accounts else None
+
+
+def _cluster_gpus() -> int:
+    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
+    m = re.search(r"gpu(?::[^:\s,()]+)?:(\d+)", out)
+    return int(m.group(1)) if m else 0
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFBIAS_SLURM_", "SBATCH_"))}
+    env.update(extra)
+    return env
+
+
+def _snakemake_cmd(*args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "snakemake",
+        "--cores", "all",
+        "--profile", str(PROJECT_PROFILE),
+        "--profile", str(TEST_PROFILE),
+        *args,
+    ]
+
+
+def _submitted_jobids(log: str) -> list[str]:
+    return re.findall(r"has been submitted with SLURM jobid (\d+)", log)
+
+
+def _sacct(jobids: list[str]) -> list[dict[str, str]]:
+    """Allocation rows (-X) for jobids; retries briefly because slurmdbd may lag a little."""
+    names = SACCT_FIELDS.split(",")
+    rows: list[dict[str, str]] = []
+    for _ in range(20):
+        out = subprocess.run(
+            ["sacct", "-X", "-P", "-n", f"--format={SACCT_FIELDS}", "-j", ",".join(jobids)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        rows = [dict(zip(names, line.split("|"))) for line in out.splitlines() if line.strip()]
+        if len(rows) >= len(jobids) and all(r["State"] not in ("PENDING", "RUNNING") for r in rows):
+            break
+        time.sleep(1)
+    return rows
+
+
+def _sacct_listing(jobids: list[str]) -> str:
+    """The plain listing (all steps) for the record: sacct --format=JobID,JobName,State,ExitCode."""
+    return subprocess.run(
+        ["sacct", "--format=JobID,JobName,State,ExitCode", "-P", "-n", "-j", ",".join(jobids)],
+        capture_output=True, text=True,
+    ).stdout
+
+
+# --------------------------------------------------------------------------- tiny workflows
+TINY_SNAKEFILE = textwrap.dedent(
+    """
+    # tiny self-contained workflow: 4 SLURM jobs (3 CPU, 1 GPU if the cluster has one) + 2 local
+    GPUS = int(config.get("gpus", 0))
+    localrules: all, summary
+
+    rule all:
+        input: "summary.txt"
+
+    rule part:
+        output: "parts/{i}.txt"
+        resources: mem_mb=300, runtime=2
+        shell: "echo part {wildcards.i} $SLURM_JOB_ID > {output}"
+
+    rule gpu_probe:
+        output: "gpu.txt"
+        resources: mem_mb=300, runtime=2, gpu=GPUS
+        shell: "echo gpu_probe $SLURM_JOB_ID > {output}"
+
+    rule combine:
+        input: expand("parts/{i}.txt", i=range(2)), "gpu.txt"
+        output: "combined.txt"
+        threads: 1
+        resources: mem_mb=300, runtime=2
+        shell: "cat {input} > {output}; echo combine $SLURM_JOB_ID >> {output}"
+
+    rule summary:
+        input: "combined.txt"
+        output: "summary.txt"
+        shell: "cp {input} {output}; echo summary ${{SLURM_JOB_ID:-local}} >> {output}"
+    """
+)
+
+# counts to TOTAL steps (1 s each), checkpointing to an undeclared side file that survives
+# snakemake's deletion of outputs; a TIMEOUT kills it mid-way, the retry resumes
+RESUMABLE_TOTAL = 100  # > ~90 s: attempt 1 (1 min limit, checked every ~30 s) cannot finish
+COUNTER_PY = textwrap.dedent(
+    """
+    import os, sys, time
+    out, ckpt, total, runtime = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+    with open(ckpt + ".history", "a") as h:
+        h.write(f"start={start} runtime={runtime} job={os.environ.get('SLURM_JOB_ID')}\\n")
+    n = start
+    while n < total:
+        time.sleep(1)
+        n += 1
+        with open(ckpt + ".tmp", "w") as f:
+            f.write(str(n))
+        os.replace(ckpt + ".tmp", ckpt)
+    with open(out, "w") as f:
+        f.write(f"start={start} end={n} runtime={runtime} job={os.environ.get('SLURM_JOB_ID')}\\n")
+    """
+)
+RESUMABLE_SNAKEFILE = textwrap.dedent(
+    f"""
+    rule resumable:
+        output: "resumed.txt"
+        params: ckpt="checkpoints/counter"   # side path, not a declared output
+        resources: mem_mb=300, runtime=lambda wc, attempt: attempt * 1   # minutes
+        shell:
+            "mkdir -p checkpoints && python3 counter.py {{output}} {{params.ckpt}} "
+            "{RESUMABLE_TOTAL} {{resources.runtime}}"
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def resumable_run(tmp_path_factory):
+    """Start the TIMEOUT/retry workflow in the background; yields a function that waits for it."""
+    if not _UP:
+        pytest.skip(_WHY)
+    wd = tmp_path_factory.mktemp("slurm_resumable")
+    (wd / "Snakefile").write_text(RESUMABLE_SNAKEFILE)
+    (wd / "counter.py").write_text(COUNTER_PY)
+    logf = open(wd / "snakemake.out", "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        _snakemake_cmd("--retries", "1", "--directory", str(wd), "-s", str(wd / "Snakefile")),
+        cwd=wd, env=_env(), stdout=logf, stderr=subprocess.STDOUT, text=True,
+    )
+
+    def wait(timeout: float = 420):
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # snakemake cancels its SLURM jobs on SIGTERM
+            proc.wait(60)
+            rc = None
+        logf.flush()
+        return rc, (wd / "snakemake.out").read_text(), wd, time.monotonic() - t0
+
+    yield wait
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(60)
+    logf.close()
+
+
+# --------------------------------------------------------------------------- (a) workflow
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(not _UP, reason=_WHY or "SLURM cluster not available")
+@pytest.mark.usefixtures("resumable_run")  # starts the slow timeout workflow in the background first
+def test_workflow_jobs_complete_on_slurm(tmp_path):
+    partition = _default_partition()
+    account = _user_account()
+    env = _env(DIFFBIAS_SLURM_PARTITION=partition, **({"DIFFBIAS_SLURM_ACCOUNT": account} if account else {}))
+
+    use_project = (REPO / "Snakefile").is_file() and (REPO / MICRO_CONFIG).is_file()
+    if use_project:
+        # the project's micro study, in a scratch copy of the repository (results stay out of REPO)
+        wd = tmp_path / "repo"
+        shutil.copytree(
+            REPO, wd,
+            ignore=shutil.ignore_patterns(
+                ".git", ".venv", ".snakemake", "results", ".pytest_cache", "__pycache__", "*.egg-info",
+                ".cache", "build",
+            ),
+        )
+        args = ["--configfile", str(MICRO_CONFIG), "--directory", str(wd), "-s", str(wd / "Snakefile")]
+        timeout = 840
+    else:
+        wd = tmp_path
+        (wd / "Snakefile").write_text(TINY_SNAKEFILE)
+        args = ["--config", f"gpus={min(1, _cluster_gpus())}", "--directory", str(wd), "-s", str(wd / "Snakefile")]
+        timeout = 300
+
+    t0 = time.monotonic()
+    r = subprocess.run(_snakemake_cmd(*args), cwd=wd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - t0
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, f"snakemake failed (rc {r.returncode}):\n{log[-6000:]}"
+
+    nonlocal_jobs = re.findall(r"^rule (\w+):$", log, flags=re.M)
+    local_jobs = re.findall(r"^localrule (\w+):$", log, flags=re.M)
+    jobids = _submitted_jobids(log)
+    assert nonlocal_jobs, f"no non-local job ran:\n{log[-4000:]}"
+    assert "Trying to restart" not in log, "a job failed and was retried"
+    assert len(jobids) == len(nonlocal_jobs), (nonlocal_jobs, jobids)
+
+    rows = _sacct(jobids)
+    print(f"\n[{'project micro study' if use_project else 'tiny Snakefile'}] {wall:.0f}s; "
+          f"{len(jobids)} SLURM jobs, local rules: {sorted(set(local_jobs))}\n" + _sacct_listing(jobids))
+    assert sorted(r_["JobID"] for r_ in rows) == sorted(jobids), rows
+    for row in rows:
+        assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", row
+        assert row["Partition"] == partition, row  # DIFFBIAS_SLURM_PARTITION reached sbatch -p
+        if account:
+            assert row["Account"] == account, row  # DIFFBIAS_SLURM_ACCOUNT reached sbatch -A
+    # one SLURM job per non-local job, named after its rule (plugin's --comment rule_<name>...)
+    by_rule = Counter(re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", row["Comment"]).group(1) for row in rows)
+    assert by_rule == Counter(nonlocal_jobs), (by_rule, nonlocal_jobs)
+    assert not set(local_jobs) & set(by_rule), "a localrule was submitted to SLURM"
+
+    if not use_project:
+        # each job recorded the SLURM job id it ran under; local rules ran outside SLURM
+        recorded = [line.split() for line in (wd / "summary.txt").read_text().splitlines() if line.strip()]
+        assert recorded[-1] == ["summary", "local"], recorded
+        assert sorted(line[-1] for line in recorded[:-1]) == sorted(jobids), (recorded, jobids)
+        gpu_rows = [row for row in rows if row["Comment"] == "rule_gpu_probe"]
+        if _cluster_gpus():
+            assert "gres/gpu=1" in gpu_rows[0]["AllocTRES"], gpu_rows  # `gpu: 1` became --gpus=1
+        cpu_rows = [row for row in rows if row["Comment"] != "rule_gpu_probe"]
+        assert all("gres/gpu" not in row["AllocTRES"] for row in cpu_rows), cpu_rows
+
+
+# --------------------------------------------------------------------------- (b) TIMEOUT + resume
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(not _UP, reason=_WHY or "SLURM cluster not available")
+def test_timeout_then_resumed_retry(resumable_run):
+    rc, log, wd, wall = resumable_run()
+    assert rc == 0, f"snakemake failed (rc {rc}) after {wall:.0f}s:\n{log[-6000:]}"
+    jobids = _submitted_jobids(log)
+    assert len(jobids) == 2, f"expected exactly one retry, got SLURM jobs {jobids}:\n{log[-4000:]}"
+    rows = {row["JobID"]: row for row in _sacct(jobids)}
+    print(f"\n[timeout + resumed retry] {wall:.0f}s\n" + _sacct_listing(jobids))
+    first, second = rows[jobids[0]], rows[jobids[1]]
+    assert first["State"] == "TIMEOUT", first
+    assert second["State"] == "COMPLETED" and second["ExitCode"] == "0:0", second
+    assert first["Comment"] == second["Comment"] == "rule_resumable"
+    assert "status is: 'TIMEOUT'" in log and "Trying to restart" in log
+
+    # the retry resumed from the side checkpoint instead of starting over
+    out = dict(kv.split("=") for kv in (wd / "resumed.txt").read_text().split())
+    assert 0 < int(out["start"]) < RESUMABLE_TOTAL, out
+    assert int(out["end"]) == RESUMABLE_TOTAL and out["runtime"] == "2" and out["job"] == jobids[1], out
+    history = (wd / "checkpoints" / "counter.history").read_text().splitlines()
+    assert history == [
+        f"start=0 runtime=1 job={jobids[0]}",
+        f"start={out['start']} runtime=2 job={jobids[1]}",
+    ], history
+
+
+# --------------------------------------------------------------------------- profiles (no cluster)
+def _parse_profile(path: Path) -> dict:
+    profiles = pytest.importorskip("snakemake.profiles")
+    with open(path) as f:
+        return dict(profiles.ProfileConfigFileParser().parse(f))
+
+
+def test_project_profile_settings(monkeypatch):
+    for var in ("DIFFBIAS_SLURM_PARTITION", "DIFFBIAS_SLURM_ACCOUNT", "DIFFBIAS_SLURM_GPU_MODEL",
+                "SBATCH_PARTITION", "SBATCH_ACCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    p = _parse_profile(PROJECT_PROFILE / "config.yaml")
+    assert p["executor"] == "slurm" and int(p["jobs"]) > 0
+    assert p["rerun-incomplete"] == "True" and p["keep-going"] == "True" and p["printshellcmds"] == "True"
+    assert int(p["latency-wait"]) == 60 and int(p["retries"]) == 2
+    # nothing site-specific unless the environment says so
+    assert not any(r.startswith(("slurm_partition=", "slurm_account=")) for r in p["default-resources"])
+    assert "set-resources" not in p
+
+    monkeypatch.setenv("SBATCH_PARTITION", "ignored")
+    monkeypatch.setenv("DIFFBIAS_SLURM_PARTITION", "max")  # a Python builtin name: must stay a string
+    monkeypatch.setenv("SBATCH_ACCOUNT", "proj42")
+    monkeypatch.setenv("DIFFBIAS_SLURM_GPU_MODEL", "a100")
+    p = _parse_profile(PROJECT_PROFILE / "config.yaml")
+    assert "slurm_partition='max'" in p["default-resources"]
+    assert "slurm_account='proj42'" in p["default-resources"]
+    assert p["set-resources"] == ["train:gpu_model='a100'"]
+
+
+def test_test_profile_only_overrides():
+    """tests/slurm is layered on slurm/ (later --profile wins per top-level key): it may only
+    change the documented test settings, so the tests run the project's profile otherwise."""
+    raw = yaml.safe_load((TEST_PROFILE / "config.yaml").read_text())
+    assert set(raw) <= ALLOWED_TEST_OVERRIDES, set(raw) - ALLOWED_TEST_OVERRIDES
+    project = _parse_profile(PROJECT_PROFILE / "config.yaml")
+    test = _parse_profile(TEST_PROFILE / "config.yaml")
+    merged = {**project, **test}
+    for key, value in project.items():
+        if key not in ALLOWED_TEST_OVERRIDES:
+            assert merged[key] == value, key
+    assert int(merged["slurm-init-seconds-before-status-checks"]) == 2

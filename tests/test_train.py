@@ -1,0 +1,92 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from diffbias.train import NonFiniteLossError, TimeBudgetReached, Trainer, ema_decay_at, load_trained
+
+
+def _spec(steps=12, **training):
+    cfg = {
+        "steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "ema_decay": 0.999, "ema_warmup": True,
+        "hflip": True, "class_conditional": False, "label_dropout": 0.1, "checkpoint_every": 4, "log_every": 2,
+        "grad_clip": None,
+    }
+    cfg.update(training)
+    return {
+        "run": {"dataset": "tiny", "variant": "dit", "N": 20, "seed": 3},
+        "dataset": {"source": "npz", "resolution": 16, "channels": 1, "test_size": 20},
+        "model": {"backbone": "dit", "preset": "DiT-T/2",
+                  "options": {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "attention": "3,G"}},
+        "training": cfg,
+    }
+
+
+def _train(spec, data, tmp_path, name, **kw):
+    t = Trainer(spec, data, tmp_path / name, tmp_path / f"{name}.ckpt", device="cpu", **kw)
+    t.run(progress=False)
+    return t
+
+
+def test_same_seed_same_loss_trace_and_outputs(tiny_dataset, tmp_path):
+    a = _train(_spec(), tiny_dataset, tmp_path, "a")
+    b = _train(_spec(), tiny_dataset, tmp_path, "b")
+    la, lb = pd.read_parquet(tmp_path / "a/train_log.parquet"), pd.read_parquet(tmp_path / "b/train_log.parquet")
+    pd.testing.assert_series_equal(la["loss"], lb["loss"])
+    assert list(la["step"]) == [2, 4, 6, 8, 10, 12]
+    for (k, v), w in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert not (tmp_path / "a.ckpt").exists()  # the side checkpoint is removed once the outputs exist
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_dataset, tmp_path):
+    full = _train(_spec(), tiny_dataset, tmp_path, "full")
+    # "kill" after step 8: run a trainer for 8 steps with checkpoint_every 4, keeping its checkpoint
+    part = Trainer(_spec(steps=12), tiny_dataset, tmp_path / "resumed", tmp_path / "resumed.ckpt", device="cpu")
+    part.cfg = dict(part.cfg, steps=8)
+    part.cfg["checkpoint_every"] = 4
+    part.run(progress=False)  # writes outputs at 8; re-create the checkpoint a killed job would have left
+    part.save_checkpoint()
+    (tmp_path / "resumed" / "model.pt").unlink()
+    resumed = Trainer(_spec(), tiny_dataset, tmp_path / "resumed", tmp_path / "resumed.ckpt", device="cpu")
+    assert resumed.try_resume() and resumed.step == 8
+    resumed.run(progress=False)
+    lf = pd.read_parquet(tmp_path / "full/train_log.parquet")
+    lr = pd.read_parquet(tmp_path / "resumed/train_log.parquet")
+    pd.testing.assert_series_equal(lf["loss"], lr["loss"])
+    for v, w in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(v, w)
+
+
+def test_checkpoint_of_another_spec_is_ignored(tiny_dataset, tmp_path):
+    t = Trainer(_spec(), tiny_dataset, tmp_path / "x", tmp_path / "x.ckpt", device="cpu")
+    t.save_checkpoint()
+    other = Trainer(_spec(lr=2e-3), tiny_dataset, tmp_path / "x", tmp_path / "x.ckpt", device="cpu")
+    assert not other.try_resume()
+
+
+def test_nan_loss_stops_the_run_with_a_message(tiny_dataset, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        _train(_spec(lr=1e30, hflip=False), tiny_dataset, tmp_path, "nan")
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_time_budget_checkpoints_and_stops(tiny_dataset, tmp_path):
+    with pytest.raises(TimeBudgetReached, match="checkpoint saved"):
+        _train(_spec(steps=10_000), tiny_dataset, tmp_path, "budget", max_runtime_minutes=0.5)
+    ckpt = torch.load(tmp_path / "budget.ckpt", weights_only=False)
+    assert 0 < ckpt["step"] < 10_000
+    assert not (tmp_path / "budget" / "model.pt").exists()
+
+
+def test_ema_warmup_and_outputs(tiny_dataset, tmp_path):
+    assert ema_decay_at(0, 0.9999, True) == pytest.approx(0.1)
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999
+    assert ema_decay_at(0, 0.9999, False) == 0.9999
+    _train(_spec(steps=4, class_conditional=True), tiny_dataset, tmp_path, "cond")
+    model, ckpt = load_trained(tmp_path / "cond" / "model.pt")
+    assert ckpt["num_classes"] == 10 and ckpt["step"] == 4
+    out = model(torch.zeros(2, 1, 16, 16), torch.tensor([0, 999]), torch.tensor([1, 10]))
+    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
+    assert out.abs().sum() > 0  # the EMA left the zero initialisation thanks to the warm-up

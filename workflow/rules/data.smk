@@ -1,0 +1,12 @@
+# Preprocessed arrays, cached once per data set entry (source, resolution, channels) and shared by all runs.
+
+
+rule prepare_data:
+    output:
+        f"{R}/data/{{dataset}}.npz",
+    params:
+        spec=lambda wc: json.dumps(CFG["datasets"][wc.dataset], sort_keys=True),
+    log:
+        f"{LOGS}/prepare_data/{{dataset}}.log",
+    shell:
+        "python -m diffbias prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,20 @@
+# Figures, tables and the PDF report of each study: `snakemake reports/<study>.pdf` regenerates one.
+
+localrules:
+    aggregate_study,
+    report,
+
+
+rule report:
+    input:
+        psnr=f"{R}/studies/{{study}}/psnr.parquet",
+        train_log=f"{R}/studies/{{study}}/train_log.parquet",
+    output:
+        pdf=report(f"{REPORTS}/{{study}}.pdf", caption="../report/study.rst", category="Reports"),
+    params:
+        study=study_json,
+        study_dir=lambda wc: f"{R}/studies/{wc.study}",
+    log:
+        f"{LOGS}/report/{{study}}.log",
+    shell:
+        "python -m diffbias report --study {params.study:q} --study-dir {params.study_dir} --out {output.pdf} > {log} 2>&1"
