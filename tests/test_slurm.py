@@ -7,7 +7,8 @@ The `slurm`-marked tests are skipped unless `sinfo` answers. They use the projec
 test-only overrides layered on top (``--profile slurm --profile tests/slurm``):
 
 * test_workflow_jobs_complete_on_slurm: a micro workflow (the project's ``workflow/configs/micro.yaml``
-  study when the Snakefile and that config exist, else a self-contained tiny Snakefile) runs through
+  study when the Snakefile and that config exist and DIFFBIAS_SLURM_TEST_TINY is not 1, else a
+  self-contained tiny Snakefile) runs through
   the cluster; every non-local job must be a SLURM job that sacct reports COMPLETED.
 * test_timeout_then_resumed_retry: a rule with ``runtime: 1`` (minute) hits the time limit (TIMEOUT),
   is re-submitted with a longer runtime (``attempt * 1``) and resumes from a side checkpoint file.
@@ -96,6 +97,8 @@ def _cluster_gpus() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFBIAS_SLURM_", "SBATCH_"))}
+    # as with an activated venv: job scripts call `python`/`diffbias` from this interpreter's bin/
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra)
     return env
 
@@ -108,6 +111,32 @@ def _snakemake_cmd(*args: str) -> list[str]:
         "--profile", str(TEST_PROFILE),
         *args,
     ]
+
+
+def _run_snakemake(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float, out: Path):
+    """Run snakemake with output to `out`; on timeout stop it with SIGTERM (it then cancels its SLURM
+    jobs) and scancel whatever it had submitted. Returns (returncode or None, log text, seconds)."""
+    t0 = time.monotonic()
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        rc = _wait_or_stop(proc, timeout, out)
+    return rc, out.read_text(), time.monotonic() - t0
+
+
+def _wait_or_stop(proc: subprocess.Popen, timeout: float, out: Path) -> int | None:
+    try:
+        return proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        ids = _submitted_jobids(out.read_text())
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+        return None
 
 
 def _submitted_jobids(log: str) -> list[str]:
@@ -214,27 +243,22 @@ def resumable_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("slurm_resumable")
     (wd / "Snakefile").write_text(RESUMABLE_SNAKEFILE)
     (wd / "counter.py").write_text(COUNTER_PY)
-    logf = open(wd / "snakemake.out", "w")
+    out = wd / "snakemake.out"
+    logf = open(out, "w")
     t0 = time.monotonic()
     proc = subprocess.Popen(
         _snakemake_cmd("--retries", "1", "--directory", str(wd), "-s", str(wd / "Snakefile")),
         cwd=wd, env=_env(), stdout=logf, stderr=subprocess.STDOUT, text=True,
     )
 
-    def wait(timeout: float = 420):
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            proc.terminate()  # snakemake cancels its SLURM jobs on SIGTERM
-            proc.wait(60)
-            rc = None
+    def wait(timeout: float = 480):
+        rc = _wait_or_stop(proc, timeout - (time.monotonic() - t0), out)
         logf.flush()
-        return rc, (wd / "snakemake.out").read_text(), wd, time.monotonic() - t0
+        return rc, out.read_text(), wd, time.monotonic() - t0
 
     yield wait
     if proc.poll() is None:
-        proc.terminate()
-        proc.wait(60)
+        _wait_or_stop(proc, 0, out)
     logf.close()
 
 
@@ -248,7 +272,11 @@ def test_workflow_jobs_complete_on_slurm(tmp_path):
     account = _user_account()
     env = _env(DIFFBIAS_SLURM_PARTITION=partition, **({"DIFFBIAS_SLURM_ACCOUNT": account} if account else {}))
 
-    use_project = (REPO / "Snakefile").is_file() and (REPO / MICRO_CONFIG).is_file()
+    use_project = (
+        (REPO / "Snakefile").is_file()
+        and (REPO / MICRO_CONFIG).is_file()
+        and os.environ.get("DIFFBIAS_SLURM_TEST_TINY") != "1"  # 1: the quick tiny workflow instead
+    )
     if use_project:
         # the project's micro study, in a scratch copy of the repository (results stay out of REPO)
         wd = tmp_path / "repo"
@@ -262,16 +290,15 @@ def test_workflow_jobs_complete_on_slurm(tmp_path):
         args = ["--configfile", str(MICRO_CONFIG), "--directory", str(wd), "-s", str(wd / "Snakefile")]
         timeout = 840
     else:
-        wd = tmp_path
+        wd = tmp_path / "tiny"
+        wd.mkdir()
         (wd / "Snakefile").write_text(TINY_SNAKEFILE)
         args = ["--config", f"gpus={min(1, _cluster_gpus())}", "--directory", str(wd), "-s", str(wd / "Snakefile")]
         timeout = 300
 
-    t0 = time.monotonic()
-    r = subprocess.run(_snakemake_cmd(*args), cwd=wd, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.monotonic() - t0
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, f"snakemake failed (rc {r.returncode}):\n{log[-6000:]}"
+    rc, log, wall = _run_snakemake(_snakemake_cmd(*args), cwd=wd, env=env, timeout=timeout,
+                                   out=tmp_path / "snakemake.out")
+    assert rc == 0, f"snakemake failed (rc {rc}, None = timed out after {wall:.0f}s):\n{log[-6000:]}"
 
     nonlocal_jobs = re.findall(r"^rule (\w+):$", log, flags=re.M)
     local_jobs = re.findall(r"^localrule (\w+):$", log, flags=re.M)

@@ -76,6 +76,70 @@ def cmd_psnr(args) -> None:
     print(f"[psnr {run}] mean gap {df['gap'].mean():.3f} dB over {len(df)} steps (K={len(train)}/{len(test)})")
 
 
+def cmd_fid(args) -> None:
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from . import data as data_lib
+    from .io import atomic_path, provenance, write_parquet
+    from .metrics.fid import compute_image_metrics
+    from .sampling import sample_images
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.model, device)
+    spec, run = ckpt["spec"], ckpt["spec"]["run"]
+    images, _, _ = data_lib.load_prepared(args.data)
+    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+    pool = train_idx if args.reference == "train" else test_idx
+    reference = images[pool[: min(len(pool), args.max_reference)]]  # seed 004 A.2: min(N, 50k) training images
+    shape = tuple(images.shape[1:])
+    t0 = time.perf_counter()
+    samples = sample_images(model, args.num_samples, image_shape=shape, steps=args.steps, seed=args.sample_seed,
+                            batch_size=args.batch_size)
+    sampling_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads)
+    metric_s = time.perf_counter() - t0
+    with atomic_path(args.samples_out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, samples=samples)
+    row = {**run, **metrics, "sampling_steps": args.steps, "reference": args.reference, "step": ckpt["step"],
+           "sampling_s": sampling_s, "metric_s": metric_s, "sampling_images_per_s": args.num_samples / sampling_s}
+    meta = {"spec": spec, "provenance": provenance(None, str(device))}
+    write_parquet(pd.DataFrame([row]), args.out, meta)
+    print(f"[fid {run}] FID {metrics['fid']:.2f} from {len(samples)} samples vs {len(reference)} reference images "
+          f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)")
+
+
+def cmd_counts(args) -> None:
+    """Parameters and FLOPs of every variant of a study at its data set's shape (one row per variant)."""
+    import pandas as pd
+
+    from .io import provenance, write_parquet
+    from .metrics.flops import count_flops, count_parameters
+    from .models import PRESETS, build_model
+
+    study = json.loads(args.study)
+    rows, ops = [], []
+    for variant, v in study["variant_specs"].items():
+        ds = study["dataset_specs"][study["count_dataset"]]
+        model = build_model(v["backbone"], None, v["options"], input_size=ds["resolution"], in_channels=ds["channels"]).eval()
+        macs, table = count_flops(model, input_size=ds["resolution"], in_channels=ds["channels"])
+        ref = PRESETS[v["preset"]].reference if v.get("preset") in PRESETS else {}
+        rows.append({"variant": variant, "label": study["labels"].get(variant, variant), "backbone": v["backbone"],
+                     "preset": v.get("preset"), "params": count_parameters(model), "gmacs": macs / 1e9,
+                     "input": f"{ds['channels']}x{ds['resolution']}x{ds['resolution']}",
+                     "reference_params": ref.get("params"), "reference_gflops": ref.get("gflops")})
+        table = table.assign(variant=variant)
+        ops.append(table)
+    write_parquet(pd.DataFrame(rows), args.out, {"study": study, "provenance": provenance()})
+    write_parquet(pd.concat(ops, ignore_index=True), args.ops_out, {"study": study})
+
+
 def cmd_aggregate(args) -> None:
     from .analysis import aggregate_parquets
 
@@ -124,6 +188,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_psnr)
+
+    p = sub.add_parser("fid", parents=[common], help="sample from the EMA model and compute FID/KID/precision/recall")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples-out", required=True)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=250, help="respaced DDPM steps")
+    p.add_argument("--reference", choices=["train", "test"], default="train")
+    p.add_argument("--max-reference", type=int, default=50_000)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("counts", help="parameters and FLOPs (fvcore MACs) of a study's variants")
+    p.add_argument("--study", required=True, help="study description JSON")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ops-out", required=True, help="per-operator breakdown parquet")
+    p.set_defaults(func=cmd_counts)
 
     p = sub.add_parser("aggregate", help="concatenate per-run parquet files into one tidy study table")
     p.add_argument("--study", required=True, help="study description JSON")

@@ -145,7 +145,46 @@ def section_loss_curves(ctx: dict) -> None:
     _save(fig, ctx["figures_dir"], "loss_curves", ctx["pdf"])
 
 
-SECTIONS: list[Callable[[dict], None]] = [section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_loss_curves]
+def section_counts(ctx: dict) -> None:
+    """Parameters and FLOPs per variant (seed 002 table 2 / seed 004 fig. 3 captions), beside published counts."""
+    counts = ctx.get("counts")
+    if counts is None:
+        return
+    view = counts[["label", "backbone", "preset", "input", "params", "gmacs", "reference_params", "reference_gflops"]].copy()
+    view["params"] = view["params"].map(lambda p: f"{p / 1e6:.3f}M")
+    view = view.rename(columns={"gmacs": "GFLOPs (MACs, fvcore)", "reference_params": "published params",
+                                "reference_gflops": "published GFLOPs"})
+    md = view.to_markdown(index=False, floatfmt=".4f")
+    _text_page(ctx["pdf"], "Parameters and FLOPs", "Multiply-accumulates per image as fvcore counts them, with handles "
+               "for fused/local attention, masks, FFTs and the DICE signal function.\n\n" + md)
+
+
+def section_fid(ctx: dict) -> None:
+    """Seed 004 tables 1-3 layout: FID per variant and N (lower is better), with the sample counts used."""
+    fid = ctx.get("fid")
+    if fid is None:
+        return
+    study = ctx["study"]
+    per = fid.groupby(["variant", "N"], as_index=False).agg(
+        fid=("fid", "mean"), fid_std=("fid", "std"), kid=("kid_mean", "mean"), precision=("precision", "mean"),
+        recall=("recall", "mean"), samples=("num_samples", "first"), reference=("num_reference", "first"),
+        steps=("sampling_steps", "first"), seeds=("seed", "count"))
+    per["variant"] = pd.Categorical(per["variant"], study["variants"], ordered=True)
+    per = per.sort_values(["N", "variant"])
+    per.insert(0, "model", per["variant"].map(lambda v: ctx["labels"].get(v, v)))
+    cols = ["model", "N", "fid", "kid", "precision", "recall", "samples", "reference", "steps", "seeds"]
+    md = per[cols].to_markdown(index=False, floatfmt=".4f")
+    tables_dir = ctx["study_dir"] / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(tables_dir / "fid.md") as tmp:
+        tmp.write_text(md)
+    note = ("FID/KID/precision/recall through torch-fidelity (Inception-v3, offline weights). Inception Score: "
+            "not available with the offline weights (no classifier logits), reported as missing.\n"
+            "Small sample counts bias FID upwards: compare rows with the same 'samples' only.\n\n")
+    _text_page(ctx["pdf"], "FID (seed 004 table 1 layout)", note + md)
+
+
+SECTIONS: list[Callable[[dict], None]] = [section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_fid, section_counts, section_loss_curves]
 
 
 def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
@@ -157,8 +196,9 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
         "labels": study.get("labels", {}),
         "psnr": pd.read_parquet(study_dir / "psnr.parquet"),
     }
-    if (study_dir / "train_log.parquet").exists():
-        ctx["train_log"] = pd.read_parquet(study_dir / "train_log.parquet")
+    for table in ("train_log", "fid", "counts"):
+        if (study_dir / f"{table}.parquet").exists():
+            ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
     with atomic_path(out) as tmp:
         with PdfPages(tmp) as pdf:
             ctx["pdf"] = pdf

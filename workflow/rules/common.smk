@@ -3,7 +3,8 @@ import json
 
 from snakemake.exceptions import WorkflowError
 
-from diffbias.config import ConfigError, RunKey, all_runs, run_spec, study_runs, validate_config, variant_label
+from diffbias.config import ConfigError, RunKey, all_runs, run_spec, study_datasets, study_runs, validate_config, variant_label
+from diffbias.models import resolve_options
 
 # A --configfile replaces the embedded default instead of being merged into it.
 if not workflow.overwrite_configfiles:
@@ -40,8 +41,21 @@ def run_spec_json(wc) -> str:
     return json.dumps(run_spec(CFG, run_key(wc)), sort_keys=True)
 
 
+# Which per-run measurement applies to which runs (FID only at the configured N, as seed 004 table 1).
+MEASURED_RUNS = {"fid.parquet": lambda run: run.n in CFG["evaluation"]["fid"]["N"]}
+
+
 def run_files(study: str, name: str) -> list[str]:
-    return [f"{R}/runs/{r.path}/{name}" for r in study_runs(CFG, study)]
+    keep = MEASURED_RUNS.get(name, lambda run: True)
+    return [f"{R}/runs/{r.path}/{name}" for r in study_runs(CFG, study) if keep(r)]
+
+
+def study_tables(study: str) -> dict[str, str]:
+    """The study-level tables its report needs (a table only when some run is measured)."""
+    tables = {"psnr": "psnr", "train_log": "train_log", "counts": "counts"}
+    if run_files(study, "fid.parquet"):
+        tables["fid"] = "fid"
+    return {k: f"{R}/studies/{study}/{v}.parquet" for k, v in tables.items()}
 
 
 def resource(group: str, key: str, default):
@@ -52,7 +66,10 @@ def study_json(wc) -> str:
     s = CFG["studies"][wc.study]
     variant_specs = {}
     for v in s["variants"]:
-        variant_specs[v] = CFG["variants"][v].get("options", {}) | {"preset": CFG["variants"][v].get("preset")}
+        backbone, options = resolve_options(CFG["variants"][v].get("backbone"), CFG["variants"][v].get("preset"),
+                                            CFG["variants"][v].get("options"))
+        variant_specs[v] = {"backbone": backbone, "preset": CFG["variants"][v].get("preset"), "options": options}
+    datasets = study_datasets(s)
     return json.dumps(
         {
             "name": wc.study,
@@ -64,6 +81,8 @@ def study_json(wc) -> str:
             "seeds": s["seeds"],
             "labels": {v: variant_label(CFG, v) for v in s["variants"]},
             "variant_specs": variant_specs,
+            "dataset_specs": {d: CFG["datasets"][d] for d in datasets},
+            "count_dataset": datasets[0],
         },
         sort_keys=True,
     )

@@ -2,13 +2,13 @@
 
 localrules:
     aggregate_study,
+    counts,
     report,
 
 
 rule report:
     input:
-        psnr=f"{R}/studies/{{study}}/psnr.parquet",
-        train_log=f"{R}/studies/{{study}}/train_log.parquet",
+        unpack(lambda wc: study_tables(wc.study)),
     output:
         pdf=report(f"{REPORTS}/{{study}}.pdf", caption="../report/study.rst", category="Reports"),
     params:

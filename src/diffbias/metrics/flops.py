@@ -354,12 +354,16 @@ def count_flops(
         with torch.no_grad(), flop_counting(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # jit tracer / deprecation chatter, not about counts
             if shape_only:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # only light element-wise work is left: threads cost more than they give
                 try:
                     with _shape_only_mode_class()():
                         analysis.total()
                     shape_only_used = True
                 except Exception:  # noqa: BLE001 - some operator needs real values: trace for real
                     analysis = new_analysis()
+                finally:
+                    torch.set_num_threads(threads)
             total = analysis.total()
             by_operator = analysis.by_operator()
             by_module = analysis.by_module_and_operator()

@@ -5,6 +5,8 @@ estimate x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (the VP invers
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the seed's eq. 3 writes it for a variance-exploding
 parameterisation), then PSNR = 10 log10(M^2 / mean_k MSE_k) with M = 2 for data in [-1, 1]: the MSE is
 averaged over the K images first, as the seed says (Kadkhodaie et al. average per-image PSNRs instead).
+x0_hat is clipped to the data range [-1, 1], as the DiT/ADM samplers clip it (clip_denoised); without
+it the estimate divides by sqrt(abar_t) ~ 0.006 near t = T and the PSNR there measures only that blow-up.
 Gap = max(PSNR_train - PSNR_test, 0). The noise depends only on ``noise_seed``, K and the image shape,
 so every model sees the same noisy inputs (paired comparison).
 """
@@ -52,7 +54,7 @@ def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: 
             y = None if labels is None else labels[s : s + batch_size].to(device)
             out = model(xt, t, y)
             eps_hat = out[:, : x0.shape[1]]
-            x0_hat = (xt - sq1m * eps_hat) / sq
+            x0_hat = ((xt - sq1m * eps_hat) / sq).clamp(-1.0, 1.0)
             se[s : s + batch_size] = ((x0_hat - x0) ** 2).flatten(1).mean(1).double().cpu()
         mse = float(se.mean())
         rows.append({"step": i, "t": t_orig, "mse": mse, "psnr": float(psnr_from_mse(mse))})

@@ -1,0 +1,275 @@
+"""Jacobian eigenvectors of the denoiser (seed 004 section 2.2, figs. 1 and 3, appendix A.4).
+
+Following Kadkhodaie et al. (2024), the object analysed is the Jacobian of the *denoiser*, the one-step
+estimate of the clean image as a function of its noisy input,
+
+    x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t),     J = d x0_hat / d x_t,
+
+a (D, D) matrix with D = C * H * W (pixels and channels flattened in C, H, W order). The seed's
+appendix A.4 writes the Jacobian of the eps network instead; the two differ by an affine map,
+
+    J_denoiser = (I - sqrt(1 - abar_t) J_eps) / sqrt(abar_t),
+
+so they share eigenvectors (for the symmetric parts) and their eigenvalues are related by
+lambda_den = (1 - sqrt(1 - abar) lambda_eps) / sqrt(abar): the order is reversed, the leading denoiser
+eigenvectors are the eps network's trailing ones. x0_hat is not clipped to [-1, 1] here (clipping is
+not differentiable and would zero the Jacobian rows of saturated pixels).
+
+A learned denoiser's Jacobian is close to, but not exactly, symmetric. We diagonalise its symmetric
+part (J + J^T) / 2 with ``torch.linalg.eigh`` in float64 (real eigenvalues, orthonormal eigenvectors)
+and report the asymmetry ||J - J^T||_F / ||J||_F alongside, so that the approximation is visible.
+
+The Jacobian is computed with ``torch.func.jacrev`` (vmap over vector-Jacobian products): one forward
+pass, then D backward passes batched ``chunk_size`` at a time, which bounds the memory to about
+``chunk_size`` copies of the backward graph's activations.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..diffusion import create_diffusion
+
+__all__ = [
+    "noisy_input",
+    "denoiser_jacobian",
+    "eigendecompose",
+    "jacobian_analysis",
+    "plot_eigenvectors",
+]
+
+
+def _abar(t: int) -> float:
+    diffusion = create_diffusion(None)  # the original 1000-step linear schedule
+    if not 0 <= int(t) < diffusion.num_timesteps:
+        raise ValueError(f"timestep {t} outside [0, {diffusion.num_timesteps})")
+    return float(diffusion.alphas_cumprod[int(t)])
+
+
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def noisy_input(x0: Tensor, t: int, noise_seed: int = 0) -> Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with eps drawn on the CPU from ``noise_seed``.
+
+    ``t`` is an original timestep in [0, 1000). The noise depends only on the seed and the shape, so it is
+    the same on every device and for every model (paired comparisons).
+    """
+    abar = _abar(t)
+    gen = torch.Generator().manual_seed(int(noise_seed))
+    noise = torch.randn(tuple(x0.shape), generator=gen, dtype=torch.float32)
+    return math.sqrt(abar) * x0.detach().float().cpu() + math.sqrt(1.0 - abar) * noise
+
+
+def denoiser_jacobian(
+    model,
+    x0: Tensor,
+    t: int,
+    *,
+    noise_seed: int = 0,
+    chunk_size: int | None = 256,
+    y: int | Tensor | None = None,
+    method: str = "vmap",
+) -> Tensor:
+    """Jacobian (D, D) of the denoiser x0_hat(x_t) with respect to x_t, at x_t built from ``x0``.
+
+    model: a backbone obeying the model contract (first C output channels are eps); put it in eval mode.
+    x0: (C, H, W) clean image in [-1, 1]. t: original timestep in [0, 1000).
+    noise_seed: seed of the noise that builds x_t (see :func:`noisy_input`).
+    chunk_size: number of vector-Jacobian products evaluated together (memory bound); None = all D at once.
+    y: class label (int or 0-d/1-element tensor) for a class-conditional model, else None.
+
+    Entry [i, j] is d x0_hat_i / d x_t_j with both images flattened in (C, H, W) order. Float32 on the
+    model's device; see the module docstring for the relation to the eps-network Jacobian.
+    """
+    if x0.ndim != 3:
+        raise ValueError(f"x0 must be one (C, H, W) image, got shape {tuple(x0.shape)}")
+    device, dtype = _model_device_dtype(model)
+    abar = _abar(t)
+    sq, sq1m = math.sqrt(abar), math.sqrt(1.0 - abar)
+    shape = tuple(x0.shape)
+    C = shape[0]
+    x_t = noisy_input(x0, t, noise_seed).to(device=device, dtype=dtype).reshape(-1)
+    t_batch = torch.full((1,), int(t), dtype=torch.long, device=device)
+    y_batch = None if y is None else torch.as_tensor(y, dtype=torch.long, device=device).reshape(1)
+
+    def denoise(x_flat: Tensor) -> Tensor:
+        x = x_flat.reshape(1, *shape)
+        eps = model(x, t_batch, y_batch)[:, :C]
+        return ((x - sq1m * eps) / sq).reshape(-1)
+
+    if method == "vmap":
+        return torch.func.jacrev(denoise, chunk_size=chunk_size)(x_t).detach()
+    if method != "batch":
+        raise ValueError(f"unknown method {method!r}; use 'vmap' or 'batch'")
+    # Replicated batch: n copies of x_t go through the model as a batch of n independent images; the
+    # backward of sum_i <e_{r_i}, x0_hat(copy_i)> puts row r_i of J in the gradient of copy i.
+    D = x_t.numel()
+    n_max = D if chunk_size is None else max(1, int(chunk_size))
+    J = torch.empty(D, D, device=device, dtype=dtype)
+    for start in range(0, D, n_max):
+        rows = torch.arange(start, min(start + n_max, D), device=device)
+        n = rows.numel()
+        x = x_t.detach().expand(n, D).clone().requires_grad_(True)
+        with torch.enable_grad():
+            eps = model(x.view(n, *shape), t_batch.expand(n), None if y_batch is None else y_batch.expand(n))[:, :C]
+            out = (x - sq1m * eps.reshape(n, D)) / sq
+            picked = out.gather(1, rows[:, None]).sum()
+            (grad,) = torch.autograd.grad(picked, x)
+        J[start : start + n] = grad
+    return J
+
+
+def eigendecompose(J: Tensor) -> dict[str, Tensor | float]:
+    """Eigen-decomposition of the symmetric part of a square Jacobian, in float64.
+
+    Returns ``eigenvalues`` (D,) in descending order, ``eigenvectors`` (D, D) with eigenvector k in
+    column k (orthonormal), and ``asymmetry`` = ||J - J^T||_F / ||J||_F (0 for a symmetric J; a float).
+    The symmetric part S = (J + J^T) / 2 equals eigenvectors @ diag(eigenvalues) @ eigenvectors^T.
+    """
+    if J.ndim != 2 or J.shape[0] != J.shape[1]:
+        raise ValueError(f"need a square matrix, got shape {tuple(J.shape)}")
+    J64 = J.detach().to(torch.float64)
+    norm = torch.linalg.matrix_norm(J64)
+    asym = float(torch.linalg.matrix_norm(J64 - J64.T) / norm) if norm > 0 else 0.0
+    S = 0.5 * (J64 + J64.T)
+    values, vectors = torch.linalg.eigh(S)  # ascending
+    return {"eigenvalues": values.flip(0), "eigenvectors": vectors.flip(1), "asymmetry": asym}
+
+
+def jacobian_analysis(
+    model,
+    images: Tensor,
+    t_values: Sequence[int],
+    *,
+    noise_seed: int = 0,
+    chunk_size: int | None = 256,
+    top_k: int = 16,
+    labels: Tensor | None = None,
+) -> tuple[pd.DataFrame, Tensor]:
+    """Eigen-analysis of the denoiser Jacobian for every image and original timestep.
+
+    images: (N, C, H, W) in [-1, 1]; t_values: original timesteps in [0, 1000); labels: (N,) or None.
+    Image i is noised with seed ``noise_seed + i`` (the same noise at every t, scaled by the schedule).
+
+    Returns
+    - a tidy DataFrame with one row per (image, t, rank) and columns image, t, rank (0 = largest),
+      eigenvalue, asymmetry (the asymmetry of that (image, t) Jacobian, repeated on its rows), all D
+      eigenvalues of the symmetrised Jacobian;
+    - the top-k eigenvectors as a float32 CPU tensor (N, len(t_values), k, C, H, W), ordered like the
+      eigenvalues (eigenvector signs are arbitrary).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    N, C, H, W = images.shape
+    D = C * H * W
+    k = min(int(top_k), D)
+    vecs = torch.zeros(N, len(t_values), k, C, H, W)
+    frames = []
+    for i in range(N):
+        y = None if labels is None else labels[i]
+        for j, t in enumerate(t_values):
+            J = denoiser_jacobian(model, images[i], int(t), noise_seed=noise_seed + i, chunk_size=chunk_size, y=y)
+            eig = eigendecompose(J)
+            vals = eig["eigenvalues"].cpu().numpy()
+            frames.append(pd.DataFrame({
+                "image": i, "t": int(t), "rank": np.arange(D), "eigenvalue": vals, "asymmetry": eig["asymmetry"],
+            }))
+            vecs[i, j] = eig["eigenvectors"][:, :k].T.reshape(k, C, H, W).float().cpu()
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["image", "t", "rank", "eigenvalue", "asymmetry"])
+    return df, vecs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figure (seed 004 fig. 1b / fig. 3: split-channel eigenvectors with R/G/B box outlines)
+# ----------------------------------------------------------------------------------------------------
+
+_CHANNEL_COLOURS = ("red", "green", "blue")
+
+
+def plot_eigenvectors(
+    eigvecs: Tensor,
+    eigenvalues: Sequence[float] | Tensor | None = None,
+    *,
+    ncols: int | None = None,
+    axes=None,
+    path: str | Path | None = None,
+    cmap: str = "gray",
+    panel_size: float = 1.6,
+):
+    """Plot eigenvectors (k, C, H, W) as images; returns the matplotlib Figure.
+
+    Each eigenvector's channels are laid side by side (split-channel view, seed 004 fig. 1b) and each
+    channel is outlined with a coloured box: red, green, blue for C = 3 (further channels black); a
+    one-channel eigenvector gets a single black box. Every eigenvector is shown on a symmetric colour
+    scale [-m, m], m = its largest absolute entry (the sign of an eigenvector is arbitrary).
+    ``eigenvalues`` (k,) become the panel titles. Draws into ``axes`` (an array of >= k Axes) when
+    given, else into a new figure with ``ncols`` columns; saves to ``path`` when given.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    v = torch.as_tensor(eigvecs).detach().float().cpu()
+    if v.ndim == 3:
+        v = v[:, None]
+    if v.ndim != 4:
+        raise ValueError(f"eigvecs must be (k, C, H, W), got {tuple(v.shape)}")
+    k, C, H, W = v.shape
+    gap = max(1, W // 8)
+    if axes is None:
+        ncols = ncols or min(k, 8)
+        nrows = math.ceil(k / ncols)
+        aspect = (C * W + (C - 1) * gap) / H
+        fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * aspect * ncols, panel_size * nrows + 0.3), squeeze=False)
+    else:
+        axes = np.asarray(axes)
+        fig = axes.flat[0].figure
+    flat = list(np.asarray(axes).flat)
+    if len(flat) < k:
+        raise ValueError(f"{k} eigenvectors but only {len(flat)} axes")
+    for idx, ax in enumerate(flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if idx >= k:
+            ax.axis("off")
+            continue
+        m = float(v[idx].abs().max()) or 1.0
+        canvas = np.full((H, C * W + (C - 1) * gap), np.nan)
+        for c in range(C):
+            x0 = c * (W + gap)
+            canvas[:, x0 : x0 + W] = v[idx, c].numpy()
+        cm = matplotlib.colormaps[cmap].copy()
+        cm.set_bad("white")
+        ax.imshow(canvas, cmap=cm, vmin=-m, vmax=m, interpolation="nearest")
+        for c in range(C):
+            colour = _CHANNEL_COLOURS[c] if C == 3 else "black"
+            ax.add_patch(Rectangle((c * (W + gap) - 0.5, -0.5), W, H, fill=False, edgecolor=colour, linewidth=1.5))
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if eigenvalues is not None:
+            ax.set_title(f"$\\lambda_{{{idx + 1}}}$ = {float(eigenvalues[idx]):.3g}", fontsize=8)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 150) -> None:
+    """Save a figure atomically; the format follows the file extension (png when there is none)."""
+    from ..io import atomic_path
+
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=dpi)
