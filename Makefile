@@ -1,5 +1,5 @@
 # The two commands of the README. Each does all the set-up it needs (idempotent, quick when done).
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup slurm-cluster run run-seeds test test-fast lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -7,8 +7,17 @@ setup:
 run: setup  ## main job: the embedded default study end to end -> reports/locality.pdf
 	. .venv/bin/activate && snakemake --cores all
 
-test: setup  ## the whole test suite (what CI runs)
+test: setup slurm-cluster  ## the whole test suite (what CI runs)
 	. .venv/bin/activate && python -m pytest -q
+
+# A real single-node SLURM cluster on localhost for the SLURM tests (needs root or sudo; required under CI,
+# otherwise best effort: without it the SLURM tests are skipped with the reason).
+slurm-cluster:
+	@if [ -n "$$CI" ]; then bash scripts/slurm-local.sh start; \
+	else bash scripts/slurm-local.sh start || echo "[make] no local SLURM cluster: SLURM tests will be skipped"; fi
+
+run-seeds: setup  ## CPU-scale studies of seeds 000-004 on top of the default
+	. .venv/bin/activate && snakemake --cores all --configfile config.yaml workflow/configs/cpu-seeds.yaml
 
 test-fast: setup  ## unit tests only (no Snakemake / SLURM end-to-end runs)
 	. .venv/bin/activate && python -m pytest -q -m "not slow and not slurm"

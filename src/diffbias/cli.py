@@ -38,7 +38,7 @@ def cmd_train(args) -> None:
 
     _threads(args.threads)
     trainer = Trainer(json.loads(args.spec), args.data, args.out_dir, args.checkpoint, device=args.device,
-                      max_runtime_minutes=args.max_runtime_minutes)
+                      max_runtime_minutes=args.max_runtime_minutes, pca_basis=args.pca_basis)
     try:
         trainer.run()
     except TimeBudgetReached as exc:
@@ -115,6 +115,122 @@ def cmd_fid(args) -> None:
           f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)")
 
 
+def cmd_freeu_grid(args) -> None:
+    """Seed 000 sec. 3.2: FreeU-style (b, s) scaling at inference on ONE trained U-ViT, no retraining."""
+    import itertools
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from . import data as data_lib
+    from .io import atomic_path, provenance, write_parquet
+    from .metrics.fid import compute_image_metrics
+    from .models.uvit import freeu_scaling
+    from .sampling import sample_images
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.model, device)
+    spec, run = ckpt["spec"], ckpt["spec"]["run"]
+    images, _, _ = data_lib.load_prepared(args.data)
+    train_idx, _ = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+    reference = images[train_idx[: args.max_reference]]
+    rows, grids = [], {}
+    for b, s in itertools.product(args.b, args.s):
+        t0 = time.perf_counter()
+        with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
+            samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
+                                    seed=args.sample_seed, batch_size=args.batch_size)
+        metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads)
+        rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
+                     "seconds": time.perf_counter() - t0})
+        grids[f"b{b}_s{s}"] = samples[: args.keep]
+        print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
+    write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
+    with atomic_path(args.samples_out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **grids)
+
+
+def cmd_pca_basis(args) -> None:
+    """Seed 004 appendix C: principal components of a trained baseline's attention maps."""
+    from . import data as data_lib
+    from .io import provenance, save_torch
+    from .metrics.attention_maps import collect_pca_basis
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    req = json.loads(args.spec)
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.model, device)
+    spec, run = ckpt["spec"], ckpt["spec"]["run"]
+    images, _, _ = data_lib.load_prepared(args.data)
+    _, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+    test = data_lib.to_model_range(images[test_idx[: req["num_images"]]])  # the seed uses test images
+    components = collect_pca_basis(model, test, layers=tuple(req["layers"]), steps=tuple(req["steps"]),
+                                   respacing=req["respacing"], num_components=req["components"])
+    save_torch({"components": components, "request": req, "source": run, "provenance": provenance(None, str(device))}, args.out)
+
+
+def _test_images(ckpt, data_path, k):
+    from . import data as data_lib
+
+    spec, run = ckpt["spec"], ckpt["spec"]["run"]
+    images, _, _ = data_lib.load_prepared(data_path)
+    _, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+    return data_lib.to_model_range(images[test_idx[:k]])  # held-out images: none of the models has seen them
+
+
+def cmd_jacobian(args) -> None:
+    """Seed 004 sec. 2.2 / A.4: eigen-analysis of the denoiser Jacobian at held-out images."""
+    import numpy as np
+
+    from .io import atomic_path, provenance, write_parquet
+    from .metrics.jacobian import jacobian_analysis
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.model, device)
+    images = _test_images(ckpt, args.data, args.num_images)
+    df, vecs = jacobian_analysis(model, images, args.t, chunk_size=args.chunk_size, top_k=args.top_k)
+    for key, value in ckpt["spec"]["run"].items():
+        df[key] = value
+    write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, str(device))})
+    with atomic_path(args.vectors_out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, eigenvectors=vecs.numpy(), t=np.array(args.t))
+
+
+def cmd_attention(args) -> None:
+    """Seed 004 sec. 2.3 / app. B: locality of attention maps per layer, and the maps of one image."""
+    import numpy as np
+    import torch
+
+    from .io import atomic_path, provenance, write_parquet
+    from .metrics.attention_maps import attention_analysis, attention_maps
+    from .metrics.jacobian import noisy_input
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.model, device)
+    images = _test_images(ckpt, args.data, args.num_images)
+    df = attention_analysis(model, images, args.t)  # no rows for attention-free backbones
+    for key, value in ckpt["spec"]["run"].items():
+        df[key] = value
+    write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, str(device))})
+    x_t = torch.stack([noisy_input(img, args.t[0], noise_seed=i) for i, img in enumerate(images)])
+    with torch.no_grad():
+        maps = attention_maps(model, x_t, args.t[0])
+    per_layer = {f"layer{i + 1}": m.mean(1).half().cpu().numpy() for i, m in enumerate(maps)}  # head-averaged
+    with atomic_path(args.maps_out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, t=np.array(args.t[0]), **per_layer)
+
+
 def cmd_counts(args) -> None:
     """Parameters and FLOPs of every variant of a study at its data set's shape (one row per variant)."""
     import pandas as pd
@@ -177,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="side path for resumable checkpoints")
     p.add_argument("--max-runtime-minutes", type=float, default=None,
                    help="job time limit: checkpoint and exit with code 75 shortly before it")
+    p.add_argument("--pca-basis", default=None, help="principal components for PCA-attention variants")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("psnr", parents=[common], help="PSNR gap curve of a trained run")
@@ -201,6 +318,49 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("freeu-grid", parents=[common], help="FID over a FreeU-style (b, s) grid on one trained U-ViT")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples-out", required=True)
+    p.add_argument("--b", type=float, nargs="+", required=True)
+    p.add_argument("--s", type=float, nargs="+", required=True)
+    p.add_argument("--tau", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--max-reference", type=int, default=50_000)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--keep", type=int, default=16, help="samples kept per (b, s) for the sample grid figure")
+    p.set_defaults(func=cmd_freeu_grid)
+
+    p = sub.add_parser("pca-basis", parents=[common], help="PCs of a trained baseline's attention maps")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--spec", required=True, help="JSON: layers, components, num_images, steps, respacing")
+    p.set_defaults(func=cmd_pca_basis)
+
+    p = sub.add_parser("jacobian", parents=[common], help="denoiser Jacobian eigen-analysis of a trained run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--vectors-out", required=True)
+    p.add_argument("--t", type=int, nargs="+", default=[250])
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.set_defaults(func=cmd_jacobian)
+
+    p = sub.add_parser("attention", parents=[common], help="attention-map locality of a trained run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--maps-out", required=True)
+    p.add_argument("--t", type=int, nargs="+", default=[250])
+    p.add_argument("--num-images", type=int, default=6)
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("counts", help="parameters and FLOPs (fvcore MACs) of a study's variants")
     p.add_argument("--study", required=True, help="study description JSON")

@@ -98,6 +98,12 @@ def _check_semantics(config: dict) -> None:
                 parse_attention_spec(options.get("attention"), options.get("depth", 12))
             except ValueError as exc:
                 raise ConfigError(f"{key}.options.attention", str(exc)) from None
+        pca = variant.get("pca_from")
+        if pca is not None:
+            if pca["variant"] not in config["variants"] or "pca_from" in config["variants"][pca["variant"]]:
+                raise ConfigError(f"{key}.pca_from.variant", f"{pca['variant']!r} is not a trained baseline variant")
+            if not options.get("pca_layers"):
+                raise ConfigError(f"{key}.options.pca_layers", "a pca_from variant needs the (1-based) layers to replace")
 
     for study_name, study in config["studies"].items():
         skey = f"studies.{study_name}"
@@ -174,6 +180,10 @@ def study_runs(config: dict, study: str) -> list[RunKey]:
     )
 
 
+def pca_basis_path(results_dir: str, run: RunKey, pca_from: dict) -> str:
+    return f"{results_dir}/runs/{pca_source(run, pca_from).path}/pca_basis.pt"
+
+
 def all_runs(config: dict) -> list[RunKey]:
     return sorted({run for study in config["studies"] for run in study_runs(config, study)})
 
@@ -187,12 +197,20 @@ def run_spec(config: dict, run: RunKey) -> dict:
     training = dict(config.get("training", {}))
     training.update(variant.get("training", {}))
     dataset = dict(config["datasets"][run.dataset])
-    return {
+    spec = {
         "run": {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed},
         "dataset": dataset,
         "model": {"backbone": backbone, "preset": variant.get("preset"), "options": options},
         "training": training,
     }
+    if "pca_from" in variant:  # the basis's source run is part of what determines this run
+        spec["model"]["pca_from"] = {**variant["pca_from"], "source": pca_source(run, variant["pca_from"]).path}
+    return spec
+
+
+def pca_source(run: RunKey, pca_from: dict) -> RunKey:
+    """The baseline run whose attention maps give a PCA variant's basis (same data set and seed)."""
+    return RunKey(run.dataset, pca_from["variant"], int(pca_from["N"]), run.seed)
 
 
 def spec_hash(spec: dict) -> str:

@@ -184,7 +184,124 @@ def section_fid(ctx: dict) -> None:
     _text_page(ctx["pdf"], "FID (seed 004 table 1 layout)", note + md)
 
 
-SECTIONS: list[Callable[[dict], None]] = [section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_fid, section_counts, section_loss_curves]
+def section_freeu(ctx: dict) -> None:
+    """Seed 000 figs. 5-7 and its FID grid: FreeU-style (b, s) scaling evaluated on one trained U-ViT per run."""
+    import numpy as np
+
+    freeu = ctx.get("freeu")
+    if freeu is None:
+        return
+    results_root = ctx["study_dir"].parent.parent
+    for (dataset, variant, n, seed), sub in freeu.groupby(["dataset", "variant", "N", "seed"]):
+        grid = sub.pivot_table(index="b", columns="s", values="fid")
+        fig, ax = plt.subplots(figsize=(4.2, 3.2))
+        sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis_r", ax=ax, cbar_kws={"label": "FID"})
+        ax.set_title(f"{ctx['labels'].get(variant, variant)} N={n}: FID over (b, s)\n"
+                     f"{int(sub['num_samples'].iloc[0])} samples, {int(sub['sampling_steps'].iloc[0])} steps")
+        _save(fig, ctx["figures_dir"], f"freeu_fid_{variant}_N{n}_seed{seed}", ctx["pdf"])
+        path = results_root / "runs" / dataset / variant / f"N{n}" / f"seed{seed}" / f"freeu-{ctx['study']['name']}-samples.npz"
+        if not path.exists():
+            continue
+        samples = np.load(path)
+        bs, ss = sorted(sub["b"].unique()), sorted(sub["s"].unique(), reverse=True)
+        fig, axes = plt.subplots(len(bs), len(ss), figsize=(1.9 * len(ss), 1.9 * len(bs)), squeeze=False)
+        for i, b in enumerate(bs):
+            for j, s_ in enumerate(ss):
+                imgs = samples[f"b{b}_s{s_}"][:16]
+                k = int(np.ceil(np.sqrt(len(imgs))))
+                c, h, w = imgs.shape[1:]
+                tile = np.zeros((k * h, k * w, c), dtype=np.uint8)
+                for idx, im in enumerate(imgs):
+                    tile[(idx // k) * h:(idx // k + 1) * h, (idx % k) * w:(idx % k + 1) * w] = im.transpose(1, 2, 0)
+                axes[i][j].imshow(tile.squeeze(-1) if c == 1 else tile, cmap="gray" if c == 1 else None)
+                axes[i][j].set_xticks([]), axes[i][j].set_yticks([])
+                axes[i][j].set_title(f"b={b}, s={s_}", fontsize=7)
+        fig.suptitle(f"{ctx['labels'].get(variant, variant)} N={n}: samples per (b, s), same seeds (seed 000 figs. 5-7)")
+        _save(fig, ctx["figures_dir"], f"freeu_samples_{variant}_N{n}_seed{seed}", ctx["pdf"])
+
+
+def _run_dir(ctx: dict, dataset, variant, n, seed) -> Path:
+    return ctx["study_dir"].parent.parent / "runs" / str(dataset) / str(variant) / f"N{n}" / f"seed{seed}"
+
+
+def section_jacobian(ctx: dict) -> None:
+    """Seed 004 figs. 1 and 3: Jacobian eigenvalue spectra and top eigenvectors (channels split) per variant and N."""
+    import numpy as np
+
+    from .metrics.jacobian import plot_eigenvectors
+
+    jac = ctx.get("jacobian")
+    if jac is None or jac.empty:
+        return
+    spectra = jac[jac["image"] == 0]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    sns.lineplot(data=spectra, x="rank", y="eigenvalue", hue="label", style="N", ax=ax, errorbar=None)
+    ax.set_xscale("symlog")
+    ax.set_title("Eigenvalues of the symmetrised denoiser Jacobian (image 0)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    _save(fig, ctx["figures_dir"], "jacobian_spectra", ctx["pdf"])
+    asym = jac.groupby(["label", "N", "t"], as_index=False)["asymmetry"].mean()
+    for (dataset, variant, n, seed), sub in jac.groupby(["dataset", "variant", "N", "seed"]):
+        path = _run_dir(ctx, dataset, variant, n, seed) / "jacobian_vectors.npz"
+        if not path.exists():
+            continue
+        vecs = np.load(path)["eigenvectors"][0, 0]  # image 0, first t
+        vals = sub[(sub["image"] == 0) & (sub["t"] == sub["t"].min())].sort_values("rank")["eigenvalue"].to_numpy()[: len(vecs)]
+        fig = plot_eigenvectors(vecs, vals)
+        a = float(sub["asymmetry"].iloc[0])
+        fig.suptitle(f"{ctx['labels'].get(variant, variant)}, N={n}: top Jacobian eigenvectors at t={int(sub['t'].min())} "
+                     f"(||J-J^T||/||J|| = {a:.3f})", fontsize=9)
+        _save(fig, ctx["figures_dir"], f"jacobian_eigvecs_{variant}_N{n}_seed{seed}", ctx["pdf"])
+    _text_page(ctx["pdf"], "Jacobian asymmetry", "||J - J^T||_F / ||J||_F of the denoiser Jacobian (eigenvectors "
+               "are those of the symmetrised Jacobian).\n\n" + asym.to_markdown(index=False, floatfmt=".4f"))
+
+
+def section_attention(ctx: dict) -> None:
+    """Seed 004 fig. 4 / figs. 9-11 (maps) and, beyond the seed, attention locality per layer against N."""
+    import numpy as np
+
+    from .metrics.attention_maps import plot_attention_maps
+
+    att = ctx.get("attention")
+    if att is None or att.empty:
+        return
+    mean = att[(att["head"] == "mean")]
+    for metric, title in (("mass_r1", "attention mass within radius 1"), ("mean_distance", "mean attention distance (tokens)"),
+                          ("entropy", "attention entropy (nats)")):
+        sub = mean[mean["metric"] == metric]
+        if sub.empty:
+            continue
+        g = sns.relplot(data=sub, x="layer", y="value", hue="N", col="label", kind="line", marker="o", palette="viridis",
+                        height=2.6, aspect=1.0, facet_kws={"sharey": True})
+        g.set_titles("{col_name}")
+        g.set_axis_labels("layer", metric)
+        g.figure.suptitle(f"Locality per layer: {title}", y=1.04)
+        _save(g.figure, ctx["figures_dir"], f"attention_{metric}", ctx["pdf"])
+    for (dataset, variant, n, seed), sub in att.groupby(["dataset", "variant", "N", "seed"]):
+        path = _run_dir(ctx, dataset, variant, n, seed) / "attention_maps.npz"
+        if not path.exists():
+            continue
+        data = np.load(path)
+        layers = sorted((k for k in data.files if k.startswith("layer")), key=lambda k: int(k[5:]))
+        if not layers:
+            continue
+        show = layers[1::2] if len(layers) > 6 else layers  # seed fig. 4 shows every other layer
+        maps = [torch_from(data[k][0]) for k in show]  # image 0, head-averaged
+        grid = (int(sub["grid_h"].iloc[0]), int(sub["grid_w"].iloc[0]))
+        fig = plot_attention_maps(maps, grid, titles=[f"layer {k[5:]}" for k in show])
+        fig.suptitle(f"{ctx['labels'].get(variant, variant)}, N={n}: attention maps (normalised, colour map on [0, 0.1]) "
+                     f"at t={int(data['t'])}", fontsize=9)
+        _save(fig, ctx["figures_dir"], f"attention_maps_{variant}_N{n}_seed{seed}", ctx["pdf"])
+
+
+def torch_from(array):
+    import torch
+
+    return torch.from_numpy(array.astype("float32"))
+
+
+SECTIONS: list[Callable[[dict], None]] = [section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_fid, section_freeu, section_jacobian,
+                                             section_attention, section_counts, section_loss_curves]
 
 
 def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
@@ -196,7 +313,7 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
         "labels": study.get("labels", {}),
         "psnr": pd.read_parquet(study_dir / "psnr.parquet"),
     }
-    for table in ("train_log", "fid", "counts"):
+    for table in ("train_log", "fid", "counts", "freeu", "jacobian", "attention"):
         if (study_dir / f"{table}.parquet").exists():
             ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
     with atomic_path(out) as tmp:

@@ -106,7 +106,7 @@ def diffusion_loss(model, diffusion, x0, t, noise, y=None) -> dict[str, torch.Te
 
 class Trainer:
     def __init__(self, spec: dict, data_path: str | Path, out_dir: str | Path, checkpoint_path: str | Path,
-                 device: str = "auto", max_runtime_minutes: float | None = None):
+                 device: str = "auto", max_runtime_minutes: float | None = None, pca_basis: str | Path | None = None):
         self.spec = spec
         self.max_runtime_minutes = max_runtime_minutes  # the job's budget: not part of the spec (no retrain)
         self.cfg = spec["training"]
@@ -131,6 +131,10 @@ class Trainer:
 
         torch.manual_seed(run["seed"])
         self.model = build_from_spec(spec, C, H, self.num_classes).to(self.device)
+        if spec["model"].get("pca_from"):
+            if pca_basis is None:
+                raise ValueError("this variant composes attention from principal components: pass --pca-basis")
+            self.model.load_pca_basis(torch.load(pca_basis, map_location=self.device, weights_only=False)["components"])
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg["lr"], self.cfg["weight_decay"]), lr=self.cfg["lr"], fused=fused)

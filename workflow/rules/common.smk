@@ -3,7 +3,17 @@ import json
 
 from snakemake.exceptions import WorkflowError
 
-from diffbias.config import ConfigError, RunKey, all_runs, run_spec, study_datasets, study_runs, validate_config, variant_label
+from diffbias.config import (
+    ConfigError,
+    RunKey,
+    all_runs,
+    pca_basis_path,
+    run_spec,
+    study_datasets,
+    study_runs,
+    validate_config,
+    variant_label,
+)
 from diffbias.models import resolve_options
 
 # A --configfile replaces the embedded default instead of being merged into it.
@@ -16,6 +26,9 @@ try:
     CFG = validate_config(config)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+
+# Rules run the library from this checkout in whatever environment runs the job (venv, conda, SLURM node).
+shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 R = CFG["results_dir"]
 REPORTS = CFG["reports_dir"]
@@ -42,10 +55,32 @@ def run_spec_json(wc) -> str:
 
 
 # Which per-run measurement applies to which runs (FID only at the configured N, as seed 004 table 1).
-MEASURED_RUNS = {"fid.parquet": lambda run: run.n in CFG["evaluation"]["fid"]["N"]}
+def _in(n_list):
+    return lambda run: n_list is None or run.n in n_list
+
+
+MEASURED_RUNS = {
+    "fid.parquet": _in(CFG["evaluation"]["fid"]["N"]),
+    "jacobian.parquet": _in(CFG["evaluation"]["jacobian"]["N"]),
+    "attention.parquet": _in(CFG["evaluation"]["attention"]["N"]),
+}
+
+
+def freeu_runs(study: str) -> list[RunKey]:
+    """U-ViT runs of a study that declares a FreeU (b, s) grid."""
+    if "freeu_grid" not in CFG["studies"][study]:
+        return []
+    return [r for r in study_runs(CFG, study) if backbone_of(r.variant) == "uvit"]
+
+
+def backbone_of(variant: str) -> str:
+    v = CFG["variants"][variant]
+    return resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))[0]
 
 
 def run_files(study: str, name: str) -> list[str]:
+    if name.startswith("freeu-"):
+        return [f"{R}/runs/{r.path}/{name}" for r in freeu_runs(study)]
     keep = MEASURED_RUNS.get(name, lambda run: True)
     return [f"{R}/runs/{r.path}/{name}" for r in study_runs(CFG, study) if keep(r)]
 
@@ -53,8 +88,11 @@ def run_files(study: str, name: str) -> list[str]:
 def study_tables(study: str) -> dict[str, str]:
     """The study-level tables its report needs (a table only when some run is measured)."""
     tables = {"psnr": "psnr", "train_log": "train_log", "counts": "counts"}
-    if run_files(study, "fid.parquet"):
-        tables["fid"] = "fid"
+    for table in ("fid", "jacobian", "attention"):
+        if run_files(study, f"{table}.parquet"):
+            tables[table] = table
+    if freeu_runs(study):
+        tables["freeu"] = "freeu"
     return {k: f"{R}/studies/{study}/{v}.parquet" for k, v in tables.items()}
 
 
@@ -86,3 +124,24 @@ def study_json(wc) -> str:
         },
         sort_keys=True,
     )
+
+
+def pca_request(wc) -> str:
+    """The PCA settings asked of baseline run `wc` by the variants that use it (they must agree)."""
+    wanted = {
+        json.dumps({k: v.get("pca_from", {}).get(k) for k in ("num_images", "steps", "respacing")}
+                   | {"layers": v["options"]["pca_layers"], "components": v["options"].get("pca_components", 50)}, sort_keys=True)
+        for v in CFG["variants"].values()
+        if v.get("pca_from", {}).get("variant") == wc.variant
+    }
+    if len(wanted) != 1:
+        raise WorkflowError(f"variants using {wc.variant!r} as pca_from ask for different PCA settings: {sorted(wanted)}")
+    return wanted.pop()
+
+
+def train_inputs(wc):
+    inputs = {"data": f"{R}/data/{wc.dataset}.npz"}
+    pca = CFG["variants"][wc.variant].get("pca_from")
+    if pca:  # seed 004 app. C: a PCA variant trains after its baseline, from that baseline's attention maps
+        inputs["pca_basis"] = pca_basis_path(R, run_key(wc), pca)
+    return inputs

@@ -6,6 +6,8 @@ rule prepare_data:
         f"{R}/data/{{dataset}}.npz",
     params:
         spec=lambda wc: json.dumps(CFG["datasets"][wc.dataset], sort_keys=True),
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/prepare_data/{{dataset}}.log",
     shell:

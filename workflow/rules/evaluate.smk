@@ -18,6 +18,8 @@ rule psnr_gap:
         runtime=resource("evaluate", "runtime", 30),
         mem_mb=resource("evaluate", "mem_mb", 4000),
         gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/psnr/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
@@ -44,6 +46,8 @@ rule fid:
         runtime=resource("evaluate", "runtime", 30),
         mem_mb=resource("evaluate", "mem_mb", 4000),
         gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/fid/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
@@ -54,6 +58,106 @@ rule fid:
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
+JAC_CFG = CFG["evaluation"]["jacobian"]
+ATT_CFG = CFG["evaluation"]["attention"]
+
+
+rule jacobian:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        table=f"{RUN_DIR}/jacobian.parquet",
+        vectors=f"{RUN_DIR}/jacobian_vectors.npz",
+    params:
+        t=" ".join(map(str, JAC_CFG["t"])),
+        cfg=JAC_CFG,
+        device=CFG["device"],
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/jacobian/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias jacobian --model {input.model} --data {input.data} --out {output.table} "
+        "--vectors-out {output.vectors} --t {params.t} --num-images {params.cfg[num_images]} "
+        "--top-k {params.cfg[top_k]} --chunk-size {params.cfg[chunk_size]} --device {params.device} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule attention:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        table=f"{RUN_DIR}/attention.parquet",
+        maps=f"{RUN_DIR}/attention_maps.npz",
+    params:
+        t=" ".join(map(str, ATT_CFG["t"])),
+        cfg=ATT_CFG,
+        device=CFG["device"],
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/attention/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias attention --model {input.model} --data {input.data} --out {output.table} "
+        "--maps-out {output.maps} --t {params.t} --num-images {params.cfg[num_images]} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule freeu_grid:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        table=f"{RUN_DIR}/freeu-{{study}}.parquet",
+        samples=f"{RUN_DIR}/freeu-{{study}}-samples.npz",
+    params:
+        g=lambda wc: CFG["studies"][wc.study]["freeu_grid"],
+        b=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["b"])),
+        s=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["s"])),
+        device=CFG["device"],
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/freeu/{{study}}/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias freeu-grid --model {input.model} --data {input.data} --out {output.table} "
+        "--samples-out {output.samples} --b {params.b} --s {params.s} --tau {params.g[tau]} "
+        "--num-samples {params.g[num_samples]} --max-reference {params.g[max_reference]} --steps {params.g[steps]} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule aggregate_freeu:
+    input:
+        lambda wc: run_files(wc.study, f"freeu-{wc.study}.parquet"),
+    output:
+        f"{R}/studies/{{study}}/freeu.parquet",
+    params:
+        study=study_json,
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/aggregate/{{study}}/freeu.log",
+    shell:
+        "python -m diffbias aggregate --study {params.study:q} --out {output} {input} > {log} 2>&1"
+
+
 rule aggregate_study:
     input:
         lambda wc: run_files(wc.study, f"{wc.table}.parquet"),
@@ -62,7 +166,9 @@ rule aggregate_study:
     params:
         study=study_json,
     wildcard_constraints:
-        table="psnr|train_log|fid",
+        table="psnr|train_log|fid|jacobian|attention",
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/aggregate/{{study}}/{{table}}.log",
     shell:
@@ -75,6 +181,8 @@ rule counts:
         ops=f"{R}/studies/{{study}}/counts_by_operator.parquet",
     params:
         study=study_json,
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/counts/{{study}}.log",
     shell:

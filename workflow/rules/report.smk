@@ -2,6 +2,7 @@
 
 localrules:
     aggregate_study,
+    aggregate_freeu,
     counts,
     report,
 
@@ -14,6 +15,8 @@ rule report:
     params:
         study=study_json,
         study_dir=lambda wc: f"{R}/studies/{wc.study}",
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/report/{{study}}.log",
     shell:

@@ -3,9 +3,32 @@
 # failed jobs); a retry resumes from there. The trainer stops cleanly before the job's runtime.
 
 
+rule pca_basis:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        f"{RUN_DIR}/pca_basis.pt",
+    params:
+        pca=lambda wc: pca_request(wc),
+        device=CFG["device"],
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/pca_basis/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias pca-basis --model {input.model} --data {input.data} --out {output} "
+        "--spec {params.pca:q} --device {params.device} --threads {threads} > {log} 2>&1"
+
+
 rule train:
     input:
-        data=f"{R}/data/{{dataset}}.npz",
+        unpack(train_inputs),
     output:
         model=f"{RUN_DIR}/model.pt",
         log=f"{RUN_DIR}/train_log.parquet",
@@ -14,15 +37,19 @@ rule train:
         spec=run_spec_json,
         checkpoint=lambda wc: CHECKPOINT.format(**wc),
         device=CFG["device"],
+        pca_arg=lambda wc, input: f"--pca-basis {input.pca_basis}" if "pca_basis" in input.keys() else "",
     threads: CFG["threads_per_job"]
     resources:
         runtime=lambda wc, attempt: resource("train", "runtime", 60) * attempt,
         mem_mb=resource("train", "mem_mb", 4000),
         gpu=resource("train", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
     log:
         f"{LOGS}/train/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias train --spec {params.spec:q} --data {input.data} "
         "--out-dir $(dirname {output.model}) --checkpoint {params.checkpoint} "
         "--device {params.device} --threads {threads} --max-runtime-minutes {resources.runtime} "
+        "{params.pca_arg} "
         "2>&1 | tee {log}"
