@@ -16,6 +16,9 @@ import pandas as pd
 
 from .config import REPO_ROOT
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 PROVENANCE_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "snakemake", "torch-fidelity", "fvcore")
 
 
@@ -28,6 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the permissions of a normal file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
