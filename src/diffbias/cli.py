@@ -207,6 +207,7 @@ def cmd_jacobian(args) -> None:
 def cmd_attention(args) -> None:
     """Seed 004 sec. 2.3 / app. B: locality of attention maps per layer, and the maps of one image."""
     import numpy as np
+    import pandas as pd
     import torch
 
     from .io import atomic_path, provenance, write_parquet
@@ -217,14 +218,20 @@ def cmd_attention(args) -> None:
     _threads(args.threads)
     device = resolve_device(args.device)
     model, ckpt = load_trained(args.model, device)
+    from .models.layers import RecordsAttention
+
     images = _test_images(ckpt, args.data, args.num_images)
-    df = attention_analysis(model, images, args.t)  # no rows for attention-free backbones
+    has_attention = any(isinstance(m, RecordsAttention) for m in model.modules())
+    # Attention-free backbones (DiffuSSM, DICE) get an empty table: nothing to measure, nothing invented.
+    df = attention_analysis(model, images, args.t) if has_attention else pd.DataFrame(
+        {c: pd.Series(dtype=t) for c, t in [("layer", "int64"), ("head", "str"), ("t", "int64"), ("metric", "str"),
+                                            ("value", "float64"), ("grid_h", "int64"), ("grid_w", "int64")]})
     for key, value in ckpt["spec"]["run"].items():
         df[key] = value
     write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, str(device))})
     x_t = torch.stack([noisy_input(img, args.t[0], noise_seed=i) for i, img in enumerate(images)])
     with torch.no_grad():
-        maps = attention_maps(model, x_t, args.t[0])
+        maps = attention_maps(model, x_t, args.t[0]) if has_attention else []
     per_layer = {f"layer{i + 1}": m.mean(1).half().cpu().numpy() for i, m in enumerate(maps)}  # head-averaged
     with atomic_path(args.maps_out) as tmp:
         with open(tmp, "wb") as fh:
