@@ -23,8 +23,8 @@ torch thread count, in the schema metadata), and one figure:
 - ``attention_speed.png``: ratio to global against k (log scale), one line per impl and grid, one panel per
   head configuration, with the k^2 / L limit per grid.
 
-Sizes: ``tiny`` (a smoke test, well under a minute on two busy CPU cores: 16x16 token grid, the tiny
-presets at 16x16x1, a 10-step chain) and ``full`` (16x16 and 32x32 grids, DiT-XS/1, DiT-S/1 and UNet-004
+Sizes: ``tiny`` (a smoke test, under a minute on two busy CPU cores with one torch thread, which the CLI
+sets for it: 16x16 token grid, the tiny presets at 16x16x1, a 10-step chain) and ``full`` (16x16 and 32x32 grids, DiT-XS/1, DiT-S/1 and UNet-004
 at 32x32x3, the 250-step chain). Every setting can be overridden (see :func:`settings_for`).
 """
 
@@ -488,7 +488,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--out", default="results/benchmark", help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--threads", type=int,
+        help="torch.set_num_threads; default: torch's own, except 1 for --size tiny on the CPU (on shared, busy cores "
+        "a second thread mostly adds synchronisation stalls and noise to a smoke test)",
+    )
     p.add_argument("--only", type=_strs, dest="parts", help="comma list of attention,training,sampling")
     p.add_argument("--grids", type=_ints, help="attention token grids, e.g. 16,32")
     p.add_argument("--heads", type=_head_configs, dest="head_configs", help="heads x head dim, e.g. 4x63,6x64")
@@ -508,9 +512,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     p.add_argument("--no-flops", dest="count_macs", action="store_false", default=None)
     args = vars(p.parse_args(argv))
     size, out, device, threads = args.pop("size"), args.pop("out"), args.pop("device"), args.pop("threads")
+    settings = settings_for(size, device, **args)
+    if threads is None and size == "tiny" and settings.device == "cpu":
+        threads = 1
     if threads:
         torch.set_num_threads(threads)
-    settings = settings_for(size, device, **args)
     results = run_benchmark(settings, out)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_rows", 200):
         for name, df in results.items():
