@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from diffbias.models.attention import flop_counting
 from diffbias.models import PRESETS, build_model
 from diffbias.models import uvit
 from diffbias.models.uvit import (
@@ -92,7 +93,7 @@ def test_mask_multiplies_scaled_logits_and_extra_tokens_are_unmasked():
     x = torch.randn(2, 2 + 9, 16)  # 2 extra tokens + 3x3 patches
     want = _explicit_gmm_attention(attn, x, extras=2)
     torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
-    with uvit.counting_flops():  # the custom op used for FLOP counting computes the same thing
+    with flop_counting():  # the custom op used for FLOP counting computes the same thing
         torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -148,7 +149,7 @@ def test_gmm_flop_handle_counts_matmuls_and_mask():
 
     model = tiny(gmm=True).eval()
     x, t, _ = inputs(1)
-    with uvit.counting_flops():
+    with flop_counting():
         fa = fvcore.FlopCountAnalysis(model, (x, t))
         fa.set_op_handle(**EXTRA_HANDLES)
         fa.unsupported_ops_warnings(False)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,34 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..metrics.flops import EXTRA_HANDLES, register_flop_handle
+from ..metrics.flops import register_flop_handle
+from . import attention
 from .layers import LabelEmbedder, RecordsAttention, timestep_embedding
 from .registry import register_backbone, register_preset
 
 GMM_EPS = 1e-5  # the epsilon of seed 000 algorithm 1 (the official GMM code adds 1e-5 to sigma^2)
-
-# --------------------------------------------------------------------------------------------------------------
-# FLOP counting switch. While True, the GMM attention core runs through the custom op "diffbias::gmm_attention"
-# so that a jit trace (fvcore) sees one node with a counting handle. TODO: unify with
-# diffbias.models.attention.FLOP_COUNTING once that module exists (it is already honoured if present).
-COUNTING = False
-
-
-@contextlib.contextmanager
-def counting_flops() -> Iterator[None]:
-    """Route the GMM attention core through ``diffbias::gmm_attention`` (forward only) while counting FLOPs."""
-    global COUNTING
-    previous, COUNTING = COUNTING, True
-    try:
-        yield
-    finally:
-        COUNTING = previous
-
-
-def _counting() -> bool:
-    shared = sys.modules.get("diffbias.models.attention")
-    return COUNTING or bool(getattr(shared, "FLOP_COUNTING", False))
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Gaussian mixture mask
@@ -139,16 +116,8 @@ def gmm_attention_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return b * h * seq * seq * (d + dv) + kernels * h * n * n + b * h * seq * seq
 
 
-def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
-    """MACs of aten::scaled_dot_product_attention: QK^T and AV matmuls, B*h*Lq*Lk*(d + dv)."""
-    q, k, v = (_shape(x) for x in inputs[:3])
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
 register_flop_handle("diffbias::gmm_attention", gmm_attention_flop_handle)
-# The fused-attention handle belongs to diffbias.models.attention; register ours only if it has not.
-if "aten::scaled_dot_product_attention" not in EXTRA_HANDLES:
-    register_flop_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
+# The fused-attention (SDPA) handle lives in diffbias.metrics.flops.
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -186,7 +155,7 @@ class UViTAttention(nn.Module, RecordsAttention):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.gmm:
-            if _counting():
+            if attention.FLOP_COUNTING:  # fvcore sees one opaque node with a counting handle
                 out = gmm_attention_op(q, k, v, self.gmm_alpha, self.gmm_sigma, self.gmm_dist2, GMM_EPS)
             else:
                 out, attn = _gmm_attention_math(
