@@ -1,5 +1,5 @@
 # The two commands of the README. Each does all the set-up it needs (idempotent, quick when done).
-.PHONY: setup slurm-cluster run run-seeds test test-fast lint clean
+.PHONY: setup slurm-cluster run run-seeds test test-fast lint benchmark benchmark-full clean
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,12 @@ run-seeds: setup  ## CPU-scale studies of seeds 000-004 on top of the default
 
 test-fast: setup  ## unit tests only (no Snakemake / SLURM end-to-end runs)
 	. .venv/bin/activate && python -m pytest -q -m "not slow and not slurm"
+
+benchmark: setup  ## attention / training / sampling throughput, tiny size (seconds) -> results/benchmark
+	. .venv/bin/activate && python scripts/benchmark.py --size tiny --out results/benchmark
+
+benchmark-full: setup  ## the documented full run (DiT-XS/1, DiT-S/1, UNet-004 at 32x32x3; ~20 min on 2 CPU cores)
+	. .venv/bin/activate && python scripts/benchmark.py --size full --out results/benchmark-full
 
 lint: setup
 	. .venv/bin/activate && snakemake --lint

@@ -7,6 +7,7 @@ from diffbias.models.attention import (
     neighborhood_attention_reference,
     neighborhood_mask,
     parse_attention_spec,
+    select_path,
     window_start,
 )
 
@@ -61,3 +62,25 @@ def test_local_attention_gradients_match_brute_force():
         grads.append([t.grad for t in qkv])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid,k", [((8, 8), 3), ((6, 10), 5), ((16, 16), 7)])
+def test_flex_attention_block_mask_matches_brute_force(grid, k):
+    """The CUDA path's mask_mod, run eagerly on CPU: same NATTEN neighbourhoods as the reference."""
+    g = torch.Generator().manual_seed(3)
+    H, W = grid
+    q, kk, v = (torch.randn(1, 2, H * W, 63, generator=g) for _ in range(3))  # DiT-XS/1 head dim
+    out = neighborhood_attention(q, kk, v, H, W, k, impl="flex")
+    torch.testing.assert_close(out, neighborhood_attention_reference(q, kk, v, H, W, k), atol=2e-6, rtol=1e-5)
+
+
+def test_auto_path_picks_tiles_where_they_save_time():
+    # 32x32 grid: 8x8 query tiles for every window of the study (halo 20x20 at k = 13 is 0.39 of L)
+    assert [select_path(32, 32, k)[:2] for k in (3, 7, 13)] == [("tiled", 8)] * 3
+    # 16x16 grid: k = 3 tiles; k = 5's halo (12x12) is over half the grid, so the dense kernel runs
+    assert select_path(16, 16, 3)[0] == "tiled" and select_path(16, 16, 5)[0] == "dense"
+    assert select_path(8, 8, 3)[0] == "dense"  # no tile smaller than the grid leaves a short halo
+    assert select_path(32, 32, 7, device_type="cuda")[0] == "flex"
+    assert select_path(32, 32, 7, impl="tiled", device_type="cuda")[0] == "tiled"
+    with pytest.raises(ValueError, match="unknown local attention implementation"):
+        select_path(8, 8, 3, impl="fast")

@@ -100,3 +100,12 @@ def test_run_spec_hash_tracks_what_matters(default):
     cfg3 = copy.deepcopy(cfg)
     cfg3["studies"]["locality"]["title"] = "other"
     assert spec_hash(run_spec(cfg3, run)) == h
+
+
+def test_snapshot_steps_must_be_below_training_steps():
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["training"]["snapshot_steps"] = [100, 300]
+    with pytest.raises(ConfigError, match=r"training\.snapshot_steps.*\[300\]"):
+        validate_config(cfg)
+    cfg["training"]["snapshot_steps"] = [100, 200]
+    assert validate_config(cfg)["training"]["snapshot_steps"] == [100, 200]

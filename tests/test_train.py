@@ -1,4 +1,6 @@
+import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -90,3 +92,49 @@ def test_ema_warmup_and_outputs(tiny_dataset, tmp_path):
     out = model(torch.zeros(2, 1, 16, 16), torch.tensor([0, 999]), torch.tensor([1, 10]))
     assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
     assert out.abs().sum() > 0  # the EMA left the zero initialisation thanks to the warm-up
+
+
+def test_ema_snapshots_equal_a_run_stopped_at_that_step(tiny_dataset, tmp_path):
+    """FID over training evaluates snapshot s: it must be the EMA a run of exactly s steps ends with."""
+    full = _train(_spec(snapshot_steps=[4, 8]), tiny_dataset, tmp_path, "snap")
+    folder = tmp_path / "snap" / "ema_snapshots"
+    assert sorted(p.name for p in folder.iterdir()) == ["ema_00000004.pt", "ema_00000008.pt"]
+    short = _train(_spec(steps=8), tiny_dataset, tmp_path, "short")
+    _, snap = load_trained(folder / "ema_00000008.pt")
+    assert snap["step"] == 8 and snap["spec"] == full.spec
+    for k, v in short.ema.state_dict().items():
+        assert torch.equal(snap["ema"][k], v), k
+    assert not full.snapshot_dir.exists()  # side copies removed once published
+    assert not (tmp_path / "snap" / ".ema_snapshots.tmp").exists()
+
+
+def test_snapshots_survive_a_kill_and_stale_ones_are_dropped(tiny_dataset, tmp_path):
+    spec = _spec(snapshot_steps=[2, 10])
+    killed = Trainer(spec, tiny_dataset, tmp_path / "r", tmp_path / "r.ckpt", device="cpu")
+    killed.cfg = dict(killed.cfg, steps=8)
+    killed.write_outputs = lambda: None  # "killed" at step 8: no outputs, the side folder and checkpoint stay
+    killed.run(progress=False)
+    killed.save_checkpoint()
+    assert (killed.snapshot_dir / "ema_00000002.pt").exists()
+    Trainer(spec, tiny_dataset, tmp_path / "r", tmp_path / "r.ckpt", device="cpu").run(progress=False)
+    uninterrupted = _train(spec, tiny_dataset, tmp_path, "u")
+    for step in (2, 10):
+        name = f"ema_snapshots/ema_{step:08d}.pt"
+        a, b = torch.load(tmp_path / "r" / name, weights_only=False), torch.load(tmp_path / "u" / name, weights_only=False)
+        assert a["step"] == b["step"] == step
+        assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    # a fresh start (no valid checkpoint) drops snapshots left by another attempt
+    stale = Trainer(spec, tiny_dataset, tmp_path / "s", tmp_path / "s.ckpt", device="cpu")
+    stale.snapshot_dir.mkdir(parents=True)
+    (stale.snapshot_dir / "ema_00000002.pt").write_bytes(b"stale")
+    stale.run(progress=False)
+    assert load_trained(tmp_path / "s" / "ema_snapshots" / "ema_00000002.pt")[1]["step"] == 2
+
+
+def test_peak_memory_in_log_and_run_json(tiny_dataset, tmp_path):
+    _train(_spec(steps=4), tiny_dataset, tmp_path, "mem")
+    log = pd.read_parquet(tmp_path / "mem" / "train_log.parquet")
+    assert (log["peak_memory_mb"] > 10).all() and set(log["memory_kind"]) == {"process_max_rss"}
+    assert set(log["device"]) == {"cpu"}
+    run = json.loads((tmp_path / "mem" / "run.json").read_text())
+    assert run["peak_memory_mb"] >= log["peak_memory_mb"].max() and run["snapshot_steps"] == []

@@ -199,3 +199,26 @@ def test_freeu_backbone_scaling_and_extra_tokens_untouched():
     x2, skip2 = model._freeu(x, skip, b=1.6, s=0.3)
     assert torch.equal(x2[:, :2], x[:, :2]) and torch.equal(skip2[:, :2], skip[:, :2])
     assert not torch.allclose(x2[:, 2:], x[:, 2:]) and not torch.allclose(skip2[:, 2:], skip[:, 2:])
+
+
+def test_gmm_mask_summary_table_and_centre_maps():
+    from diffbias.metrics.attention_maps import gmm_mask_summary, plot_gmm_masks
+
+    torch.manual_seed(0)
+    model = build_model(preset="UViT-T/2-GMM", input_size=16, in_channels=1, num_classes=0)
+    df, maps = gmm_mask_summary(model)
+    masks = model.gmm_masks()
+    blocks = dict(model.named_blocks())
+    heads, kernels = next(iter(blocks.values())).attn.gmm_alpha.shape
+    assert list(maps) == list(masks) and len(df) == len(masks) * heads * kernels
+    g = model.grid
+    centre = (g // 2) * g + g // 2
+    for name, mask in masks.items():
+        torch.testing.assert_close(torch.from_numpy(maps[name]), mask[:, centre].reshape(heads, g, g))
+        row = df[(df["block"] == name) & (df["head"] == 1) & (df["kernel"] == 2)].iloc[0]
+        assert row["alpha"] == pytest.approx(float(blocks[name].attn.gmm_alpha[1, 2]))
+        assert row["mask_at_0"] == pytest.approx(float(mask[1, centre, centre]))
+    fig = plot_gmm_masks(maps, "test")
+    assert len(fig.axes) >= len(maps) * heads
+    plain, none = gmm_mask_summary(build_model(preset="UViT-T/2", input_size=16, in_channels=1, num_classes=0))
+    assert plain.empty and none == {}

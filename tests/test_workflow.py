@@ -40,6 +40,13 @@ def test_micro_study_end_to_end(tmp_path):
     run_dir = tmp_path / "results/runs/fmnist8/dit_local/N10/seed0"
     assert {"model.pt", "train_log.parquet", "run.json", "psnr.parquet"} <= {p.name for p in run_dir.iterdir()}
     assert (tmp_path / "results/studies/micro/tables/psnr_gap.tex").exists()
+    # FID over training: the EMA snapshot at step 10 and the final model at 20, for every N=50 run
+    curve = pd.read_parquet(tmp_path / "results/studies/micro/fid_curve.parquet")
+    assert sorted(curve.groupby("variant")["step"].apply(list).sum()) == [10, 10, 20, 20]
+    assert set(curve["N"]) == {50} and curve["fid"].notna().all() and curve.loc[curve["step"] == 20, "final"].all()
+    assert (tmp_path / "results/studies/micro/figures/fid_curve.png").exists()
+    log = pd.read_parquet(tmp_path / "results/studies/micro/train_log.parquet")
+    assert (log["peak_memory_mb"] > 0).all()
     assert not list((tmp_path / "results").rglob("*.tmp"))  # nothing half-written left behind
     # Nothing to do on a second invocation: outputs are complete and up to date.
     again = snakemake("--configfile", cfg, "-n", cwd=tmp_path)

@@ -9,17 +9,19 @@ torch thread count, in the schema metadata), and one figure:
   window ``k`` and implementation. All candidates of one (grid, heads, head_dim) configuration are timed
   in interleaved rounds (the order rotates each round), so load changes on a shared machine hit them
   alike; the table keeps the median. Columns: grid, heads, head_dim, batch, k (<NA> for global), impl
-  ("global" or the requested impl), path (the kernel that actually ran: "global", "dense" or "tiled"),
+  ("global" or the requested impl), path (the kernel that actually ran: "global", "dense", "tiled" or "flex",
+  from ``attention.select_path``),
   tile, median_ms, ratio_to_global (time / global time), flop_ratio (k^2 / L, the limit of the ratio),
   speedup (global time / time), repeats.
 - ``training.parquet``: images/s of the real training step (``train.diffusion_loss`` + AdamW) per preset,
   after warm-up steps. Columns: preset, backbone, input_size, in_channels, batch, steps, step_ms,
   images_per_s, params, gmacs (fvcore MACs per image via ``count_flops``; NaN if counting fails),
   achieved_tflops (gmacs * 2 * 3 * images_per_s / 1e3, forward + backward = 3 forwards) and
-  peak_fraction (achieved / ``peak_tflops``; NaN without a peak).
+  peak_fraction (achieved / ``peak_tflops``; NaN without a peak), peak_memory_mb + memory_kind (see
+  :mod:`diffbias.metrics.memory`), device.
 - ``sampling.parquet``: images/s of an ancestral DDPM chain of ``sampling_steps`` respaced steps
   (``create_diffusion(steps).p_sample_loop``) per preset. Columns: preset, backbone, input_size,
-  in_channels, batch, sampling_steps, seconds, ms_per_step, images_per_s.
+  in_channels, batch, sampling_steps, seconds, ms_per_step, images_per_s, peak_memory_mb, memory_kind, device.
 - ``attention_speed.png``: ratio to global against k (log scale), one line per impl and grid, one panel per
   head configuration, with the k^2 / L limit per grid.
 
@@ -31,20 +33,20 @@ at 32x32x3, the 250-step chain). Every setting can be overridden (see :func:`set
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from . import io as io_lib
+from .metrics.memory import peak_memory_mb, reset_peak_memory
 from .models import attention as attention_lib
 
 IMPLS = ("dense", "tiled", "auto")
@@ -118,6 +120,7 @@ def settings_for(size: str = "tiny", device: str | None = None, **overrides: Any
             presets=full_presets(), input_size=32, in_channels=3,
             train_batch=64 if gpu else 8, train_steps=10 if gpu else 3, train_warmup=3 if gpu else 1,
             sampling_steps=250, sampling_batch=16 if gpu else 2,
+            impls=("dense", "tiled", "flex", "auto") if gpu else IMPLS,
         )
     else:
         raise ValueError(f"unknown benchmark size {size!r}; use 'tiny' or 'full'")
@@ -170,33 +173,10 @@ def interleaved_medians(
 # ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _record_path() -> Iterator[list[str]]:
-    """Record which kernel neighborhood_attention runs (it looks both helpers up at call time)."""
-    seen: list[str] = []
-    tiled, dense = attention_lib._tiled_neighborhood_attention, attention_lib._dense_neighborhood_attention
-
-    def tiled_spy(*args, **kwargs):
-        seen.append("tiled")
-        return tiled(*args, **kwargs)
-
-    def dense_spy(*args, **kwargs):
-        seen.append("dense")
-        return dense(*args, **kwargs)
-
-    attention_lib._tiled_neighborhood_attention, attention_lib._dense_neighborhood_attention = tiled_spy, dense_spy
-    try:
-        yield seen
-    finally:
-        attention_lib._tiled_neighborhood_attention, attention_lib._dense_neighborhood_attention = tiled, dense
-
-
-def kernel_path(grid: int, k: int, impl: str, heads: int = 1, head_dim: int = 8) -> str:
-    """The kernel that ``neighborhood_attention(impl=impl)`` runs on a grid x grid map with window k."""
-    q = torch.zeros(1, heads, grid * grid, head_dim)
-    with torch.no_grad(), _record_path() as seen:
-        attention_lib.neighborhood_attention(q, q, q, grid, grid, k, impl=impl)
-    return seen[-1] if seen else "other"
+def kernel_path(grid: int, k: int, impl: str, device: str = "cpu") -> tuple[str, int | None]:
+    """The kernel ``neighborhood_attention(impl=impl)`` runs on a grid x grid map with window k, and its tile."""
+    path, tile, _ = attention_lib.select_path(grid, grid, k, impl, torch.device(device).type)
+    return path, tile
 
 
 def attention_benchmark(
@@ -236,7 +216,6 @@ def attention_benchmark(
             for window in windows:
                 if window > grid:
                     continue
-                tile = attention_lib.tile_size_for(grid, window)
                 for impl in impls:
                     name = f"k={window} {impl}"
                     candidates[name] = step(
@@ -244,7 +223,7 @@ def attention_benchmark(
                             q, k, v, grid, grid, window, impl=impl
                         )
                     )
-                    meta[name] = (window, impl, kernel_path(grid, window, impl, heads, head_dim), tile)
+                    meta[name] = (window, impl, *kernel_path(grid, window, impl, device))
             medians = interleaved_medians(candidates, repeats=repeats, warmup=warmup, device=device)
             global_ms = medians["global"]
             for name, ms in medians.items():
@@ -333,7 +312,9 @@ def training_benchmark(
             loss.backward()
             opt.step()
 
+        reset_peak_memory(device)
         times = [time_call(lambda i=i: train_step(i), device) for i in range(warmup + steps)][warmup:]
+        peak_mb, memory_kind = peak_memory_mb(device)
         step_ms = statistics.median(times)
         images_per_s = batch / (step_ms / 1e3)
         gmacs = _gmacs(model, input_size, in_channels) if count_macs else math.nan
@@ -344,6 +325,7 @@ def training_benchmark(
             "step_ms": step_ms, "images_per_s": images_per_s, "params": count_parameters(model),
             "gmacs": gmacs, "achieved_tflops": achieved,
             "peak_fraction": achieved / peak_tflops if peak_tflops else math.nan,
+            "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "device": device,
         })
         del model, opt, batches
         if device.startswith("cuda"):
@@ -373,6 +355,7 @@ def sampling_benchmark(
         shape = (batch, in_channels, input_size, input_size)
         with torch.no_grad():
             model(torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device), None)
+        reset_peak_memory(device)
         ms = time_call(
             lambda: diffusion.p_sample_loop(
                 model, shape, seeds=list(range(seed, seed + batch)), device=device, model_kwargs={"y": None}
@@ -383,6 +366,7 @@ def sampling_benchmark(
             "preset": preset, "backbone": getattr(model, "backbone_name", type(model).__name__),
             "input_size": input_size, "in_channels": in_channels, "batch": batch, "sampling_steps": steps,
             "seconds": ms / 1e3, "ms_per_step": ms / steps, "images_per_s": batch / (ms / 1e3),
+            **dict(zip(("peak_memory_mb", "memory_kind"), peak_memory_mb(device))), "device": device,
         })
         del model
     return pd.DataFrame(rows)

@@ -118,6 +118,7 @@ def cmd_fid(args) -> None:
 def cmd_freeu_grid(args) -> None:
     """Seed 000 sec. 3.2: FreeU-style (b, s) scaling at inference on ONE trained U-ViT, no retraining."""
     import itertools
+    import tempfile
     import time
 
     import numpy as np
@@ -138,20 +139,64 @@ def cmd_freeu_grid(args) -> None:
     train_idx, _ = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
     reference = images[train_idx[: args.max_reference]]
     rows, grids = [], {}
+    cache = tempfile.TemporaryDirectory(prefix="diffbias-fid-")  # reference features once for the grid
     for b, s in itertools.product(args.b, args.s):
         t0 = time.perf_counter()
         with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
             samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
                                     seed=args.sample_seed, batch_size=args.batch_size)
-        metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads)
+        metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads,
+                                        reference_cache=cache.name)
         rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
                      "seconds": time.perf_counter() - t0})
         grids[f"b{b}_s{s}"] = samples[: args.keep]
         print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
+    cache.cleanup()
     write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
     with atomic_path(args.samples_out) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **grids)
+
+
+def cmd_fid_curve(args) -> None:
+    """Seed 002 figs. 11-12: FID of every EMA snapshot and of the final model, against one reference set."""
+    import tempfile
+    import time
+
+    import pandas as pd
+
+    from . import data as data_lib
+    from .io import provenance, write_parquet
+    from .metrics.fid import compute_image_metrics
+    from .sampling import sample_images
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    device = resolve_device(args.device)
+    snapshots = sorted(Path(args.snapshots).glob("ema_*.pt")) + [Path(args.model)]
+    _, final = load_trained(args.model, "cpu")
+    spec, run = final["spec"], final["spec"]["run"]
+    images, _, _ = data_lib.load_prepared(args.data)
+    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+    pool = train_idx if args.reference == "train" else test_idx
+    reference = images[pool[: min(len(pool), args.max_reference)]]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="diffbias-fid-") as cache:
+        for path in snapshots:
+            model, ckpt = load_trained(path, device)
+            t0 = time.perf_counter()
+            samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
+                                    seed=args.sample_seed, batch_size=args.batch_size)  # same seeds at every step
+            sampling_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads,
+                                            reference_cache=cache)
+            rows.append({**run, "step": ckpt["step"], "final": path == Path(args.model), **metrics,
+                         "sampling_steps": args.steps, "reference": args.reference, "sampling_s": sampling_s,
+                         "metric_s": time.perf_counter() - t0})
+            print(f"[fid-curve {run['variant']} N={run['N']}] step {ckpt['step']}: FID {metrics['fid']:.2f} "
+                  f"(sampling {sampling_s:.0f}s, inception {rows[-1]['metric_s']:.0f}s)", flush=True)
+    write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
 
 
 def cmd_pca_basis(args) -> None:
@@ -236,6 +281,27 @@ def cmd_attention(args) -> None:
     with atomic_path(args.maps_out) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, t=np.array(args.t[0]), **per_layer)
+
+
+def cmd_gmm_masks(args) -> None:
+    """Seed 000 appendix: the learned Gaussian-mixture masks per head and block of a trained U-ViT."""
+    import numpy as np
+
+    from .io import atomic_path, provenance, write_parquet
+    from .metrics.attention_maps import gmm_mask_summary
+    from .train import load_trained
+
+    _threads(args.threads)
+    model, ckpt = load_trained(args.model, "cpu")
+    df, centre_maps = gmm_mask_summary(model)
+    if df.empty:
+        raise SystemExit(f"{args.model}: the model has no Gaussian-mixture masks (set options.gmm: true)")
+    for key, value in ckpt["spec"]["run"].items():
+        df[key] = value
+    write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, "cpu")})
+    with atomic_path(args.maps_out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **centre_maps)
 
 
 def cmd_counts(args) -> None:
@@ -326,6 +392,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_fid)
 
+    p = sub.add_parser("fid-curve", parents=[common], help="FID of a run's EMA snapshots and final model (FID over training)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--snapshots", required=True, help="the run's ema_snapshots/ folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=250, help="respaced DDPM steps")
+    p.add_argument("--reference", choices=["train", "test"], default="train")
+    p.add_argument("--max-reference", type=int, default=50_000)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_fid_curve)
+
     p = sub.add_parser("freeu-grid", parents=[common], help="FID over a FreeU-style (b, s) grid on one trained U-ViT")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
@@ -368,6 +447,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--t", type=int, nargs="+", default=[250])
     p.add_argument("--num-images", type=int, default=6)
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("gmm-masks", parents=[common], help="learned Gaussian-mixture masks of a U-ViT run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--maps-out", required=True, help="npz: per block, the centre token's mask (heads, g, g)")
+    p.set_defaults(func=cmd_gmm_masks)
 
     p = sub.add_parser("counts", help="parameters and FLOPs (fvcore MACs) of a study's variants")
     p.add_argument("--study", required=True, help="study description JSON")

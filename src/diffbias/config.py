@@ -98,6 +98,12 @@ def _check_semantics(config: dict) -> None:
                 parse_attention_spec(options.get("attention"), options.get("depth", 12))
             except ValueError as exc:
                 raise ConfigError(f"{key}.options.attention", str(exc)) from None
+        training = {**config.get("training", {}), **variant.get("training", {})}
+        late = [s for s in training.get("snapshot_steps", []) if s >= training["steps"]]
+        if late:
+            where = "training" if "snapshot_steps" not in variant.get("training", {}) else f"{key}.training"
+            raise ConfigError(f"{where}.snapshot_steps", f"steps {late} are not below training.steps={training['steps']} "
+                              f"(the final model is always evaluated)")
         pca = variant.get("pca_from")
         if pca is not None:
             if pca["variant"] not in config["variants"] or "pca_from" in config["variants"][pca["variant"]]:

@@ -220,6 +220,65 @@ def section_freeu(ctx: dict) -> None:
         _save(fig, ctx["figures_dir"], f"freeu_samples_{variant}_N{n}_seed{seed}", ctx["pdf"])
 
 
+def section_fid_curve(ctx: dict) -> None:
+    """Seed 002 figs. 11-12: FID of the EMA snapshots over training, one line per variant, one panel per N."""
+    curve = ctx.get("fid_curve")
+    if curve is None or curve.empty:
+        return
+    g = sns.relplot(data=curve, x="step", y="fid", hue="label", col="N", kind="line", marker="o", errorbar=None,
+                    height=3.0, aspect=1.2, facet_kws={"sharey": False})
+    g.set_axis_labels("training step", "FID")
+    samples = int(curve["num_samples"].iloc[0])
+    g.figure.suptitle(f"FID over training (EMA snapshots; {samples} samples, "
+                      f"{int(curve['sampling_steps'].iloc[0])} steps, same sample seeds at every step)", y=1.05)
+    _save(g.figure, ctx["figures_dir"], "fid_curve", ctx["pdf"])
+
+
+def section_costs(ctx: dict) -> None:
+    """Seed 002 table 2 style: training throughput, sampling throughput and peak memory per variant."""
+    log = ctx.get("train_log")
+    if log is None or "peak_memory_mb" not in log:
+        return
+    last = log.sort_values("step").groupby(["variant", "N", "seed"], as_index=False).last()
+    per = last.groupby(["label", "variant"], as_index=False).agg(
+        train_images_per_s=("images_per_s", "median"), peak_memory_mb=("peak_memory_mb", "max"),
+        memory=("memory_kind", "first"), device=("device", "first"))
+    fid = ctx.get("fid")
+    if fid is not None and "sampling_images_per_s" in fid:
+        sampling = fid.groupby("variant", as_index=False).agg(
+            sampling_images_per_s=("sampling_images_per_s", "median"), sampling_steps=("sampling_steps", "first"))
+        per = per.merge(sampling, on="variant", how="left")
+    order = {v: i for i, v in enumerate(ctx["study"]["variants"])}
+    per = per.sort_values("variant", key=lambda s: s.map(order)).drop(columns="variant")
+    _text_page(ctx["pdf"], "Throughput and memory", "Training images/s: median over runs of the last logged interval; "
+               "peak memory: cuda_max_allocated on a GPU, the process's peak RSS on a CPU (an upper bound); sampling "
+               "images/s from the FID runs.\n\n" + per.to_markdown(index=False, floatfmt=".1f"))
+
+
+def section_gmm_masks(ctx: dict) -> None:
+    """Seed 000 appendix: the learned Gaussian-mixture masks per head and block (centre token's row)."""
+    import numpy as np
+
+    from .metrics.attention_maps import plot_gmm_masks
+
+    gmm = ctx.get("gmm_masks")
+    if gmm is None or gmm.empty:
+        return
+    for (dataset, variant, n, seed), sub in gmm.groupby(["dataset", "variant", "N", "seed"]):
+        path = _run_dir(ctx, dataset, variant, n, seed) / "gmm_masks.npz"
+        if not path.exists():
+            continue
+        data = np.load(path)
+        maps = {name: data[name] for name in sub.sort_values("block_index")["block"].unique()}
+        fig = plot_gmm_masks(maps, f"{ctx['labels'].get(variant, variant)}, N={n}: learned Gaussian-mixture mask of the "
+                                   "centre token, per block (rows) and head (columns)")
+        _save(fig, ctx["figures_dir"], f"gmm_masks_{variant}_N{n}_seed{seed}", ctx["pdf"])
+    kernels = gmm.groupby(["label", "block"], as_index=False, sort=False).agg(
+        alpha_mean=("alpha", "mean"), sigma_median=("sigma", "median"), mask_at_0=("mask_at_0", "mean"))
+    _text_page(ctx["pdf"], "Gaussian-mixture mask parameters", "Per block: mean alpha, median |sigma| (tokens) over heads "
+               "and kernels, and the mask at distance 0 (mean over heads).\n\n" + kernels.to_markdown(index=False, floatfmt=".3f"))
+
+
 def _run_dir(ctx: dict, dataset, variant, n, seed) -> Path:
     return ctx["study_dir"].parent.parent / "runs" / str(dataset) / str(variant) / f"N{n}" / f"seed{seed}"
 
@@ -300,8 +359,10 @@ def torch_from(array):
     return torch.from_numpy(array.astype("float32"))
 
 
-SECTIONS: list[Callable[[dict], None]] = [section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_fid, section_freeu, section_jacobian,
-                                             section_attention, section_counts, section_loss_curves]
+SECTIONS: list[Callable[[dict], None]] = [
+    section_title, section_gap_table, section_psnr_curves, section_gap_bars, section_fid, section_fid_curve, section_freeu,
+    section_jacobian, section_attention, section_gmm_masks, section_counts, section_costs, section_loss_curves,
+]
 
 
 def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
@@ -313,7 +374,7 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
         "labels": study.get("labels", {}),
         "psnr": pd.read_parquet(study_dir / "psnr.parquet"),
     }
-    for table in ("train_log", "fid", "counts", "freeu", "jacobian", "attention"):
+    for table in ("train_log", "fid", "fid_curve", "counts", "freeu", "jacobian", "attention", "gmm_masks"):
         if (study_dir / f"{table}.parquet").exists():
             ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
     with atomic_path(out) as tmp:

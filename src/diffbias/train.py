@@ -7,7 +7,9 @@
   resumes from it and ends with the same result as an uninterrupted one.
 - Time-budgeted: with ``max_runtime_minutes`` the run checkpoints and exits (code 75, EX_TEMPFAIL) before
   the budget, so a scheduler retry resumes it.
-- Declared outputs (EMA weights, train log parquet, run.json) are written atomically at the very end.
+- EMA snapshots at ``snapshot_steps`` (for FID over training) are kept beside the checkpoint and
+  published as ``ema_snapshots/`` at the end; peak memory is logged (see ``metrics.memory``).
+- Declared outputs (EMA weights, snapshots, train log parquet, run.json) are written atomically at the very end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ from . import data as data_lib
 from .config import spec_hash
 from .diffusion import create_diffusion
 from .io import provenance, save_torch, write_json, write_parquet
+from .metrics.memory import peak_memory_mb, reset_peak_memory
 from .models import build_model
 
 log = logging.getLogger("diffbias.train")
@@ -112,6 +117,10 @@ class Trainer:
         self.cfg = spec["training"]
         self.out_dir = Path(out_dir)
         self.checkpoint_path = Path(checkpoint_path)
+        # EMA snapshots (seed 002 figs. 11-12) live beside the side checkpoint until the run finishes, so a
+        # killed job keeps them; write_outputs then publishes them as the run's ema_snapshots/ folder.
+        self.snapshot_dir = self.checkpoint_path.with_name(self.checkpoint_path.stem + "-ema-snapshots")
+        self.snapshot_steps = sorted(set(self.cfg.get("snapshot_steps", [])))
         self.device = resolve_device(device)
         self.hash = spec_hash(spec)
         run = spec["run"]
@@ -207,7 +216,9 @@ class Trainer:
 
     def run(self, progress: bool = True) -> None:
         cfg = self.cfg
-        self.try_resume()
+        if not self.try_resume():
+            shutil.rmtree(self.snapshot_dir, ignore_errors=True)  # snapshots of another spec or attempt
+        reset_peak_memory(self.device)
         start, start_step = time.monotonic(), self.step
         budget = self.max_runtime_minutes
         self.model.train()
@@ -227,8 +238,10 @@ class Trainer:
                         f"of run {self.spec['run']}; stopping. Lower training.lr or set training.grad_clip."
                     )
                 elapsed = time.perf_counter() - t_interval
+                peak_mb, memory_kind = peak_memory_mb(self.device)
                 self.rows.append(
-                    {"step": self.step, "loss": loss, "mse": mse, "vb": vb, "images_per_s": acc_steps * cfg["batch_size"] / elapsed}
+                    {"step": self.step, "loss": loss, "mse": mse, "vb": vb, "images_per_s": acc_steps * cfg["batch_size"] / elapsed,
+                     "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "device": str(self.device)}
                 )
                 if progress:
                     print(f"[{self.spec['run']['variant']} N={self.spec['run']['N']} seed={self.spec['run']['seed']}] "
@@ -236,6 +249,8 @@ class Trainer:
                           f"{self.rows[-1]['images_per_s']:.0f} img/s", flush=True)
                 acc.zero_()
                 acc_steps, t_interval = 0, time.perf_counter()
+            if self.step in self.snapshot_steps:
+                self.save_snapshot()
             if at_ckpt:
                 self.save_checkpoint()
             if budget is not None and self.step < cfg["steps"]:
@@ -249,13 +264,42 @@ class Trainer:
                     )
         self.write_outputs()
 
+    def _model_file(self) -> dict:
+        """What model.pt and every EMA snapshot hold: load_trained reads either."""
+        extra = {"in_channels": self.in_channels, "input_size": self.input_size, "num_classes": self.num_classes}
+        return {"spec": self.spec, "ema": self.ema.state_dict(), "step": self.step, **extra}
+
+    def save_snapshot(self) -> None:
+        save_torch(self._model_file(), self.snapshot_dir / f"ema_{self.step:08d}.pt")
+
+    def publish_snapshots(self) -> None:
+        """Move the configured snapshots into <out_dir>/ema_snapshots/ as one atomic directory rename."""
+        final = self.out_dir / "ema_snapshots"
+        staging = self.out_dir / ".ema_snapshots.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        missing = [s for s in self.snapshot_steps if not (self.snapshot_dir / f"ema_{s:08d}.pt").exists()]
+        if missing:  # e.g. a checkpoint from before snapshot_steps was set (the spec hash prevents that)
+            raise RuntimeError(f"EMA snapshots for steps {missing} are missing from {self.snapshot_dir}")
+        for step in self.snapshot_steps:
+            name = f"ema_{step:08d}.pt"
+            shutil.copy2(self.snapshot_dir / name, staging / name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+
     def write_outputs(self) -> None:
         prov = provenance(self.hash, str(self.device))
-        extra = {"in_channels": self.in_channels, "input_size": self.input_size, "num_classes": self.num_classes}
-        save_torch({"spec": self.spec, "ema": self.ema.state_dict(), "step": self.step, **extra}, self.out_dir / "model.pt")
+        model_file = self._model_file()
+        extra = {k: model_file[k] for k in ("in_channels", "input_size", "num_classes")}
+        peak_mb, memory_kind = peak_memory_mb(self.device)
+        extra_run = {"peak_memory_mb": peak_mb, "memory_kind": memory_kind, "snapshot_steps": self.snapshot_steps}
+        self.publish_snapshots()
+        save_torch(model_file, self.out_dir / "model.pt")
         write_parquet(pd.DataFrame(self.rows), self.out_dir / "train_log.parquet", {"spec": self.spec, "provenance": prov})
-        write_json({"spec": self.spec, "spec_hash": self.hash, "provenance": prov, **extra}, self.out_dir / "run.json")
+        write_json({"spec": self.spec, "spec_hash": self.hash, "provenance": prov, **extra, **extra_run},
+                   self.out_dir / "run.json")
         self.checkpoint_path.unlink(missing_ok=True)  # finished: a later rerun starts fresh
+        shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 
 
 def load_trained(model_path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -59,8 +59,16 @@ def _in(n_list):
     return lambda run: n_list is None or run.n in n_list
 
 
+def _has_gmm_masks(run) -> bool:
+    v = CFG["variants"][run.variant]
+    backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
+    return backbone == "uvit" and bool(options.get("gmm"))
+
+
 MEASURED_RUNS = {
     "fid.parquet": _in(CFG["evaluation"]["fid"]["N"]),
+    "fid_curve.parquet": _in(CFG["evaluation"]["fid_curve"]["N"]),
+    "gmm_masks.parquet": lambda run: _has_gmm_masks(run) and _in(CFG["evaluation"]["gmm_masks"]["N"])(run),
     "jacobian.parquet": _in(CFG["evaluation"]["jacobian"]["N"]),
     "attention.parquet": _in(CFG["evaluation"]["attention"]["N"]),
 }
@@ -88,7 +96,7 @@ def run_files(study: str, name: str) -> list[str]:
 def study_tables(study: str) -> dict[str, str]:
     """The study-level tables its report needs (a table only when some run is measured)."""
     tables = {"psnr": "psnr", "train_log": "train_log", "counts": "counts"}
-    for table in ("fid", "jacobian", "attention"):
+    for table in ("fid", "fid_curve", "jacobian", "attention", "gmm_masks"):
         if run_files(study, f"{table}.parquet"):
             tables[table] = table
     if freeu_runs(study):

@@ -58,6 +58,52 @@ rule fid:
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
+rule fid_curve:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        snapshots=f"{RUN_DIR}/ema_snapshots",
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        f"{RUN_DIR}/fid_curve.parquet",
+    params:
+        fid=FID_CFG,
+        device=CFG["device"],
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/fid_curve/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias fid-curve --model {input.model} --snapshots {input.snapshots} --data {input.data} "
+        "--out {output} --num-samples {params.fid[num_samples]} --steps {params.fid[steps]} "
+        "--reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
+        "--sample-seed {params.fid[sample_seed]} --batch-size {params.fid[batch_size]} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule gmm_masks:
+    input:
+        f"{RUN_DIR}/model.pt",
+    output:
+        table=f"{RUN_DIR}/gmm_masks.parquet",
+        maps=f"{RUN_DIR}/gmm_masks.npz",
+    threads: 1
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/gmm_masks/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias gmm-masks --model {input} --out {output.table} --maps-out {output.maps} "
+        "--threads {threads} > {log} 2>&1"
+
+
 JAC_CFG = CFG["evaluation"]["jacobian"]
 ATT_CFG = CFG["evaluation"]["attention"]
 
@@ -166,7 +212,7 @@ rule aggregate_study:
     params:
         study=study_json,
     wildcard_constraints:
-        table="psnr|train_log|fid|jacobian|attention",
+        table="psnr|train_log|fid|fid_curve|jacobian|attention|gmm_masks",
     conda:
         "../envs/diffbias.yaml"
     log:

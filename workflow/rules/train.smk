@@ -33,6 +33,7 @@ rule train:
         model=f"{RUN_DIR}/model.pt",
         log=f"{RUN_DIR}/train_log.parquet",
         run=f"{RUN_DIR}/run.json",
+        snapshots=directory(f"{RUN_DIR}/ema_snapshots"),
     params:
         spec=run_spec_json,
         checkpoint=lambda wc: CHECKPOINT.format(**wc),

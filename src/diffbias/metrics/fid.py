@@ -522,6 +522,7 @@ def compute_image_metrics(
     kid_subset_size: int | None = None,
     isc: bool = False,
     cpu_threads: int | None = None,
+    reference_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """FID (+ KID, precision/recall) of ``samples_uint8`` against ``reference_uint8``.
 
@@ -530,7 +531,7 @@ def compute_image_metrics(
     Features come from torch-fidelity's ``inception-v3-compat`` extractor, layer
     ``2048``, with the offline weights (``weights_path``, default
     :func:`default_weights_path`, built on demand); nothing is downloaded and no
-    statistics are cached on disk.  Precision is the fraction of samples inside
+    statistics are cached on disk unless ``reference_cache`` is given.  Precision is the fraction of samples inside
     the reference manifold, recall the converse (k = 3 neighbours).
 
     ``inception_score`` is None unless ``isc=True`` *and* the weights carry a real
@@ -539,6 +540,10 @@ def compute_image_metrics(
 
     ``cpu_threads`` (default: leave as is) limits torch and OpenBLAS threads during
     the call, see :func:`limit_cpu_threads`; 1 is much faster on a busy 2-core box.
+    ``reference_cache``: a folder private to one caller (e.g. a TemporaryDirectory) in which torch-fidelity
+    caches the reference set's features, so several sample sets scored against the SAME reference (FID
+    curves, FreeU grids) run Inception over the reference once. The cache is keyed by name only: never
+    share the folder between different reference sets.
     KID uses ``kid_subset_size = min(1000, n, m)`` by default (100 subsets); when
     that equals both set sizes every subset is the full set and ``kid_std`` is 0.
     """
@@ -588,7 +593,7 @@ def compute_image_metrics(
         feature_layer_prc=FEATURE_LAYER,
         feature_extractor_weights_path=str(weights),
         prc_neighborhood=prc_k,
-        cache=False,
+        cache=reference_cache is not None,
         verbose=False,
         # in-memory data: no DataLoader worker processes (PRC then uses the
         # chunked variant, which gives identical numbers)
@@ -596,6 +601,8 @@ def compute_image_metrics(
     )
     if kid:
         kwargs["kid_subset_size"] = int(kid_subset_size)
+    if reference_cache is not None:
+        kwargs.update(cache_root=str(reference_cache), input2_cache_name="reference")
     with ctx, limit_cpu_threads(cpu_threads):
         res = torch_fidelity.calculate_metrics(**kwargs)
 

@@ -91,7 +91,7 @@ ELEMENTWISE_OPS: frozenset[str] = frozenset(
     repeat repeat_interleave tile roll flip pad reflection_pad2d replication_pad2d to type_as clone
     stack split split_with_sizes unbind unflatten movedim swapaxes masked_select index_select scatter scatter_add
     tril triu diag diagonal eye linspace meshgrid triu_indices tril_indices
-    pixel_shuffle pixel_unshuffle channel_shuffle view_as_real view_as_complex real imag
+    pixel_shuffle pixel_unshuffle channel_shuffle view_as_real view_as_complex real imag complex polar conj angle
     upsample_nearest1d upsample_nearest3d avg_pool2d max_pool2d dropout_ feature_dropout alpha_dropout
     """.split()
 )

@@ -10,6 +10,7 @@ Two implementations share these semantics:
   global attention.
 - ``tiled``: the grid is cut into query tiles; each tile attends only to its key halo through the fused
   kernel with a small mask, so the work scales with k^2 instead of L (chosen when it saves work).
+- ``flex``: FlexAttention with a cached block mask (the CUDA path; on CPU it runs eagerly, for tests).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from typing import Iterator
 
 import torch
@@ -110,7 +112,8 @@ def neighborhood_attention_reference(q, k, v, height: int, width: int, kernel_si
 
 
 def _dense_neighborhood_attention(q, k, v, height: int, width: int, kernel_size: int) -> torch.Tensor:
-    mask = neighborhood_mask(height, width, kernel_size, q.device)
+    # A 4-D mask keeps the fused (flash) CPU kernel; a 2-D one sends SDPA to the unfused math path.
+    mask = neighborhood_mask(height, width, kernel_size, q.device)[None, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -128,44 +131,134 @@ def _tile_plan(n: int, k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, t
     return halo_start, key_pos, mask
 
 
+@functools.lru_cache(maxsize=64)
+def _tiled_plan_2d(height: int, width: int, k: int, ty: int, tx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raster indices of the queries in tile order, of every tile's key halo, and the (tiles, 1, q, halo) mask."""
+    _, key_y, mask_y = _tile_plan(height, k, ty)
+    _, key_x, mask_x = _tile_plan(width, k, tx)
+    Ty, Tx, hy, hx = height // ty, width // tx, ty + k - 1, tx + k - 1
+    query_order = torch.arange(height * width).view(Ty, ty, Tx, tx).permute(0, 2, 1, 3).reshape(-1)
+    halo_keys = (key_y[:, None, :, None] * width + key_x[None, :, None, :]).reshape(-1)  # (Ty*Tx*hy*hx,)
+    mask = mask_y[:, None, :, None, :, None] & mask_x[None, :, None, :, None, :]  # (Ty, Tx, ty, tx, hy, hx)
+    return query_order, halo_keys, mask.reshape(Ty * Tx, 1, ty * tx, hy * hx)
+
+
+# A query tile of >= 8 x 8 fills the fused CPU kernel's query blocks; 4 x 4 tiles measured up to 2x slower.
+MIN_TILE = 8
+# Tiling pays when a tile's key halo is at most this fraction of the grid (benchmark: 32x32 grid, k = 13,
+# halo 20 x 20 = 0.39 of L runs 1.1-1.3x faster than global; 16x16, k = 5, 0.56 of L, no faster than dense).
+MAX_HALO_FRACTION = 0.45
+
+
 def tile_size_for(n: int, k: int) -> int | None:
-    """Query-tile length on an axis of length n: the largest divisor of n not above max(k, 4) whose key
-    halo (tile + k - 1) is shorter than n. Per query, work grows with the halo; the gathered keys per
-    query grow with halo / tile, so tiles near k balance the two. None if no tile helps."""
-    fits = [t for t in range(1, n + 1) if n % t == 0 and t + k - 1 < n and t <= max(k, 4)]
-    return max(fits) if fits else None
+    """Query-tile length on an axis of length n: the smallest divisor >= MIN_TILE whose key halo
+    (tile + k - 1) is shorter than n, else the largest divisor with such a halo; None if none exists."""
+    fits = [t for t in range(1, n + 1) if n % t == 0 and t + k - 1 < n]
+    if not fits:
+        return None
+    big = [t for t in fits if t >= MIN_TILE]
+    return min(big) if big else max(fits)
 
 
 def _tiled_neighborhood_attention(q, k, v, height: int, width: int, kernel_size: int, ty: int, tx: int) -> torch.Tensor:
+    """Each query tile attends its key halo (gathered rows) through the fused kernel, tiles as the batch."""
     B, h, L, d = q.shape
-    hy, hx = ty + kernel_size - 1, tx + kernel_size - 1
-    _, key_y, mask_y = _tile_plan(height, kernel_size, ty)
-    _, key_x, mask_x = _tile_plan(width, kernel_size, tx)
+    query_order, halo_keys, mask = (t.to(q.device) for t in _tiled_plan_2d(height, width, kernel_size, ty, tx))
+    tiles, tile_len, halo_len = mask.shape[0], mask.shape[2], mask.shape[3]
+
+    # Token-major rows (L, B*h, d): gathering whole rows is a contiguous copy per index, and the
+    # (tiles, B*h, len, d) views that SDPA gets need no further copy; the mask broadcasts over B*h.
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(B * h, L, d).transpose(0, 1)
+
+    qt = rows(q).index_select(0, query_order).view(tiles, tile_len, B * h, d).transpose(1, 2)
+    kt = rows(k).contiguous().index_select(0, halo_keys).view(tiles, halo_len, B * h, d).transpose(1, 2)
+    vt = rows(v).contiguous().index_select(0, halo_keys).view(tiles, halo_len, B * h, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)  # (tiles, B*h, tile_len, d)
     Ty, Tx = height // ty, width // tx
-    dev = q.device
-    key_y, key_x, mask_y, mask_x = key_y.to(dev), key_x.to(dev), mask_y.to(dev), mask_x.to(dev)
-    # queries: (B, h, Ty, ty, Tx, tx, d) -> (B, h, Ty, Tx, ty*tx, d)
-    qt = q.view(B, h, Ty, ty, Tx, tx, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, Ty, Tx, ty * tx, d)
-    # key halos gathered with index tensors: (B, h, Ty, Tx, hy*hx, d)
-    flat = (key_y[:, None, :, None] * width + key_x[None, :, None, :]).reshape(Ty, Tx, hy * hx)
-    kt = k[:, :, flat]
-    vt = v[:, :, flat]
-    mask = (mask_y[:, None, :, None, :, None] & mask_x[None, :, None, :, None, :]).reshape(Ty, Tx, ty * tx, hy * hx)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
-    return out.view(B, h, Ty, Tx, ty, tx, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, L, d)
+    return out.view(Ty, Tx, B, h, ty, tx, d).permute(2, 3, 0, 4, 1, 5, 6).reshape(B, h, L, d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA: FlexAttention with a block-sparse mask (cached per size); compiled once per process.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _natten_mask_mod(height: int, width: int, kernel_size: int):
+    r = kernel_size // 2
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qy, qx, ky, kx = q_idx // width, q_idx % width, kv_idx // width, kv_idx % width
+        y0 = (qy - r).clamp(0, height - kernel_size)
+        x0 = (qx - r).clamp(0, width - kernel_size)
+        return (ky >= y0) & (ky < y0 + kernel_size) & (kx >= x0) & (kx < x0 + kernel_size)
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(height: int, width: int, kernel_size: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    L = height * width
+    return create_block_mask(_natten_mask_mod(height, width, kernel_size), None, None, L, L, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_neighborhood_attention(q, k, v, height: int, width: int, kernel_size: int, compiled: bool = True) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _flex_block_mask(height, width, kernel_size, str(q.device))
+    if compiled:
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():  # eager = the unfused reference; only tests run it on purpose
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ("auto", "dense", "tiled", "flex", "reference")
+
+
+def select_path(height: int, width: int, kernel_size: int, impl: str = "auto", device_type: str = "cpu") -> tuple[str, int | None, int | None]:
+    """The kernel ``neighborhood_attention`` runs: ("tiled", ty, tx), ("dense", None, None), ("flex", ...).
+
+    ``auto``: FlexAttention on CUDA; on CPU the tiled kernel where a tile's halo is small enough to save
+    time, else the dense masked kernel (which costs what global attention costs)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown local attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if impl in ("reference", "dense", "flex"):
+        return impl, None, None
+    if impl == "auto" and device_type == "cuda":
+        return "flex", None, None
+    ty, tx = tile_size_for(height, kernel_size), tile_size_for(width, kernel_size)
+    if ty is None or tx is None:
+        return "dense", None, None
+    halo_fraction = (ty + kernel_size - 1) * (tx + kernel_size - 1) / (height * width)
+    if impl == "tiled" or halo_fraction <= MAX_HALO_FRACTION:
+        return "tiled", ty, tx
+    return "dense", None, None
 
 
 def neighborhood_attention(q, k, v, height: int, width: int, kernel_size: int, impl: str = "auto") -> torch.Tensor:
     """q, k, v: (B, heads, L = height*width, d) in raster order. Exact NATTEN semantics."""
-    if impl == "reference":
-        return neighborhood_attention_reference(q, k, v, height, width, kernel_size)
-    if FLOP_COUNTING:
+    if FLOP_COUNTING and impl != "reference":
         return torch.ops.diffbias.neighborhood_attention(q, k, v, height, width, kernel_size)
-    ty, tx = tile_size_for(height, kernel_size), tile_size_for(width, kernel_size)
-    tiling_possible = ty is not None and tx is not None
-    # Tiles pay off only when each query's halo is well below the full grid (else dense is as cheap).
-    worth_it = tiling_possible and (ty + kernel_size - 1) * (tx + kernel_size - 1) * 2 <= height * width
-    if tiling_possible and (impl == "tiled" or (impl == "auto" and worth_it)):
+    path, ty, tx = select_path(height, width, kernel_size, impl, q.device.type)
+    if path == "reference":
+        return neighborhood_attention_reference(q, k, v, height, width, kernel_size)
+    if path == "flex":
+        return _flex_neighborhood_attention(q, k, v, height, width, kernel_size, compiled=q.device.type == "cuda")
+    if path == "tiled":
         return _tiled_neighborhood_attention(q, k, v, height, width, kernel_size, ty, tx)
     return _dense_neighborhood_attention(q, k, v, height, width, kernel_size)
 
