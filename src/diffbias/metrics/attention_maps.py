@@ -603,14 +603,14 @@ def plot_gmm_masks(centre_maps: dict[str, np.ndarray], title: str = ""):
     heads = max(m.shape[0] for m in centre_maps.values())
     fig, axes = plt.subplots(len(names), heads, figsize=(1.5 * heads + 0.8, 1.4 * len(names) + 0.6), squeeze=False)
     for i, name in enumerate(names):
+        norm = _symmetric_norm(centre_maps[name])  # one colour scale per block: heads compare directly
         for h in range(heads):
             ax = axes[i][h]
             ax.set_xticks([]), ax.set_yticks([])
             if h >= centre_maps[name].shape[0]:
                 ax.axis("off")
                 continue
-            im = ax.imshow(centre_maps[name][h], cmap="coolwarm",
-                           norm=_symmetric_norm(centre_maps[name][h]))
+            im = ax.imshow(centre_maps[name][h], cmap="coolwarm", norm=norm)
             if i == 0:
                 ax.set_title(f"head {h}", fontsize=7)
             if h == 0:
@@ -621,9 +621,9 @@ def plot_gmm_masks(centre_maps: dict[str, np.ndarray], title: str = ""):
 
 
 def _symmetric_norm(values: np.ndarray):
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import Normalize, TwoSlopeNorm
 
     lo, hi = float(values.min()), float(values.max())
     if lo < 0 < hi:  # masks multiply the logits: the sign matters, so 0 sits at the centre of the colour map
         return TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
-    return None
+    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
