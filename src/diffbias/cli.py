@@ -76,6 +76,17 @@ def cmd_psnr(args) -> None:
     print(f"[psnr {run}] mean gap {df['gap'].mean():.3f} dB over {len(df)} steps (K={len(train)}/{len(test)})")
 
 
+def _reference_images(spec: dict, images, which: str, max_reference: int):
+    """The FID reference set of a run: the first min(N, max_reference) of its training images (seed 004
+    A.2, 50k cap) or of the held-out test set, in the run's deterministic split."""
+    from . import data as data_lib
+
+    run = spec["run"]
+    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
+    pool = train_idx if which == "train" else test_idx
+    return images[pool[: min(len(pool), max_reference)]]
+
+
 def cmd_fid(args) -> None:
     import time
 
@@ -93,9 +104,7 @@ def cmd_fid(args) -> None:
     model, ckpt = load_trained(args.model, device)
     spec, run = ckpt["spec"], ckpt["spec"]["run"]
     images, _, _ = data_lib.load_prepared(args.data)
-    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    pool = train_idx if args.reference == "train" else test_idx
-    reference = images[pool[: min(len(pool), args.max_reference)]]  # seed 004 A.2: min(N, 50k) training images
+    reference = _reference_images(spec, images, args.reference, args.max_reference)
     shape = tuple(images.shape[1:])
     t0 = time.perf_counter()
     samples = sample_images(model, args.num_samples, image_shape=shape, steps=args.steps, seed=args.sample_seed,
@@ -136,8 +145,7 @@ def cmd_freeu_grid(args) -> None:
     model, ckpt = load_trained(args.model, device)
     spec, run = ckpt["spec"], ckpt["spec"]["run"]
     images, _, _ = data_lib.load_prepared(args.data)
-    train_idx, _ = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    reference = images[train_idx[: args.max_reference]]
+    reference = _reference_images(spec, images, "train", args.max_reference)
     rows, grids = [], {}
     cache = tempfile.TemporaryDirectory(prefix="diffbias-fid-")  # reference features once for the grid
     for b, s in itertools.product(args.b, args.s):
@@ -177,9 +185,7 @@ def cmd_fid_curve(args) -> None:
     _, final = load_trained(args.model, "cpu")
     spec, run = final["spec"], final["spec"]["run"]
     images, _, _ = data_lib.load_prepared(args.data)
-    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    pool = train_idx if args.reference == "train" else test_idx
-    reference = images[pool[: min(len(pool), args.max_reference)]]
+    reference = _reference_images(spec, images, args.reference, args.max_reference)
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffbias-fid-") as cache:
         for path in snapshots:
