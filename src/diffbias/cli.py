@@ -147,19 +147,18 @@ def cmd_freeu_grid(args) -> None:
     images, _, _ = data_lib.load_prepared(args.data)
     reference = _reference_images(spec, images, "train", args.max_reference)
     rows, grids = [], {}
-    cache = tempfile.TemporaryDirectory(prefix="diffbias-fid-")  # reference features once for the grid
-    for b, s in itertools.product(args.b, args.s):
-        t0 = time.perf_counter()
-        with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
-            samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
-                                    seed=args.sample_seed, batch_size=args.batch_size)
-        metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads,
-                                        reference_cache=cache.name)
-        rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
-                     "seconds": time.perf_counter() - t0})
-        grids[f"b{b}_s{s}"] = samples[: args.keep]
-        print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
-    cache.cleanup()
+    with tempfile.TemporaryDirectory(prefix="diffbias-fid-") as cache:  # reference features once per grid
+        for b, s in itertools.product(args.b, args.s):
+            t0 = time.perf_counter()
+            with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
+                samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
+                                        seed=args.sample_seed, batch_size=args.batch_size)
+            metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads,
+                                            reference_cache=cache)
+            rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
+                         "seconds": time.perf_counter() - t0})
+            grids[f"b{b}_s{s}"] = samples[: args.keep]
+            print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
     write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
     with atomic_path(args.samples_out) as tmp:
         with open(tmp, "wb") as fh:

@@ -239,7 +239,7 @@ def section_costs(ctx: dict) -> None:
     log = ctx.get("train_log")
     if log is None or "peak_memory_mb" not in log:
         return
-    last = log.sort_values("step").groupby(["variant", "N", "seed"], as_index=False).last()
+    last = log.sort_values("step").groupby(["dataset", "variant", "N", "seed"], as_index=False).last()
     per = last.groupby(["label", "variant"], as_index=False).agg(
         train_images_per_s=("images_per_s", "median"), peak_memory_mb=("peak_memory_mb", "max"),
         memory=("memory_kind", "first"), device=("device", "first"))

@@ -70,7 +70,8 @@ rule fid_curve:
         device=CFG["device"],
     threads: CFG["threads_per_job"]
     resources:
-        runtime=resource("evaluate", "runtime", 30),
+        # one FID per snapshot plus the final model
+        runtime=lambda wc: resource("evaluate", "runtime", 30) * (1 + len(run_spec(CFG, run_key(wc))["training"]["snapshot_steps"])),
         mem_mb=resource("evaluate", "mem_mb", 4000),
         gpu=resource("evaluate", "gpu", 0),
     conda:
