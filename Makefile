@@ -1,5 +1,5 @@
 # The two commands of the README. Each does all the set-up it needs (idempotent, quick when done).
-.PHONY: setup slurm-cluster run run-seeds test test-fast lint benchmark benchmark-full clean
+.PHONY: setup slurm-cluster run run-seeds test test-fast lint benchmark benchmark-full cost clean
 
 setup:
 	bash scripts/setup.sh
@@ -27,6 +27,11 @@ benchmark: setup  ## attention / training / sampling throughput, tiny size (seco
 
 benchmark-full: setup  ## the documented full run (DiT-XS/1, DiT-S/1, UNet-004 at 32x32x3; ~20 min on 2 CPU cores)
 	. .venv/bin/activate && python scripts/benchmark.py --size full --out results/benchmark-full
+
+# GPU-hours of a config before running it: make cost CONFIG=workflow/configs/paper-004.yaml [TFLOPS=200 | BENCHMARK=results/benchmark-full/training.parquet]
+CONFIG ?= config.yaml
+cost: setup  ## training and evaluation GPU-hours of CONFIG (FLOP counts x a throughput; no job runs)
+	. .venv/bin/activate && python -m diffbias cost --configfile $(CONFIG) $(if $(TFLOPS),--throughput-tflops $(TFLOPS)) $(if $(BENCHMARK),--benchmark $(BENCHMARK))
 
 lint: setup
 	. .venv/bin/activate && snakemake --lint

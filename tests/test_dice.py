@@ -1,4 +1,4 @@
-"""Tests for diffbias.models.dice: DICE (seed 002), its no-hands ablation and the DiMR-like cascade."""
+"""Tests for diffbias.models.dice: DICE (seed 002), its no-hands ablation and the DICE-TDN cascade ablation."""
 
 import math
 
@@ -61,12 +61,14 @@ def reference_signal(l, r, lam):
 
 def test_registered_backbones_and_presets():
     assert BACKBONES["dice"].zero_output_at_init is True
-    assert BACKBONES["dimr"].zero_output_at_init is False
-    for name in ("DICE-T", "DICE-T-nohands", "DiMR-T"):
+    assert BACKBONES["dice_tdn"].zero_output_at_init is False
+    for name in ("DICE-T", "DICE-T-nohands", "DICE-TDN-T"):
         assert PRESETS[name].tiny
     assert PRESETS["DICE-T-nohands"].options["hands"] is False
-    assert PRESETS["DICE-XL"].reference["params"] == 178_425_240
-    assert PRESETS["DiMR-XL/2R"].reference["params"] == 107_452_688
+    ref = PRESETS["DICE-XL"].reference
+    assert ref["params"] == 178_425_240 and ref["gflops"] == 47.49 and ref["mult_adds"] == 1.05
+    assert ref["convention"] == "fvcore-as-shipped"
+    assert "DiMR-T" not in PRESETS  # renamed: the three-stage cascade is DICE-TDN, the official DiMR is models/dimr.py
 
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -83,8 +85,8 @@ def test_dice_shape_and_zero_output_at_init(num_classes, learn_sigma):
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
-def test_dimr_shape(num_classes):
-    model = tiny("DiMR-T", num_classes=num_classes)
+def test_tdn_shape(num_classes):
+    model = tiny("DICE-TDN-T", num_classes=num_classes)
     x, t, y = inputs(num_classes=num_classes)
     out = model(x, t, y)
     assert out.shape == (2, 2 * C, H, H) and torch.isfinite(out).all()
@@ -129,11 +131,33 @@ def test_signal_op_gradients_match_autograd_and_reach_lambda():
 def test_block_lambda_gets_gradient():
     torch.manual_seed(0)
     block = DiceBlock(8, cond_dim=8)
-    assert block.hands_lambda.shape == () and block.hands_lambda.item() == 1.0
+    assert block.hands_lambda.shape == (8, 1, 1) and torch.all(block.hands_lambda == 1.0)  # one per channel
+    assert block.layer_scale.shape == (8,) and torch.all(block.layer_scale == 1.0)
     perturb(block, 0.3)
     out = block(torch.randn(2, 8, 6, 6), torch.randn(2, 8))
     out.square().sum().backward()
-    assert block.hands_lambda.grad is not None and block.hands_lambda.grad.abs() > 0
+    assert block.hands_lambda.grad is not None and (block.hands_lambda.grad.abs().flatten() > 0).all()
+
+
+def test_block_layers_follow_delta_convnext():
+    """Aveygo/DeltaConvNeXt arch.py: two 7x7 depthwise hands with bias, affine LayerNorm, MLP ratio 2 with GRN;
+    adaLN-Zero with 3 chunks (shift, scale, gate) from the 1152-wide condition."""
+    block = DiceBlock(16, cond_dim=24)
+    for conv in (block.dwconv_l, block.dwconv_r):
+        assert conv.kernel_size == (7, 7) and conv.groups == 16 and conv.bias is not None
+    assert block.norm.elementwise_affine and block.norm.eps == 1e-6
+    assert (block.pwconv1.in_features, block.pwconv1.out_features) == (16, 32)
+    assert (block.pwconv2.in_features, block.pwconv2.out_features) == (32, 16)
+    assert block.grn.gamma.shape == (32,) and block.grn.beta.shape == (32,)
+    lin = block.adaLN_modulation[-1]
+    assert (lin.in_features, lin.out_features) == (24, 48) and lin.bias is not None
+    # GRN (ConvNeXt-V2): x + gamma * (x * N(x)) + beta with N = ||x||_HW / mean_C ||x||_HW
+    torch.manual_seed(1)
+    grn = perturb(block.grn, 0.5)
+    x = torch.randn(2, 3, 4, 32)
+    gx = x.pow(2).sum((1, 2), keepdim=True).sqrt()
+    expected = grn.gamma * (x * gx / (gx.mean(-1, keepdim=True) + 1e-6)) + grn.beta + x
+    torch.testing.assert_close(grn(x), expected)
 
 
 def test_no_hands_path():
@@ -155,6 +179,10 @@ def test_dice_stage_resolutions_and_widths():
     dims = [stage.dim for stage in model.stages]
     assert dims == [32, 64, 96]  # 1x, 2x, 3x the base width at 1x, 1/2, 1/4 resolution
     assert [len(stage.blocks) for stage in model.stages] == [6, 2, 1]
+    for stage in model.stages:  # DiNext-style 1x1 stem from C channels and 1x1 head to 2C (eps, v); no final adaLN
+        assert stage.stem.kernel_size == (1, 1) and stage.stem.in_channels == C
+        assert stage.head.kernel_size == (1, 1) and stage.head.out_channels == 2 * C
+        assert not hasattr(stage, "final_layer")
     seen = {}
     hooks = [s.blocks[-1].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.shape))
              for i, s in enumerate(model.stages)]
@@ -163,13 +191,14 @@ def test_dice_stage_resolutions_and_widths():
     for h in hooks:
         h.remove()
     assert seen == {0: (2, 32, 16, 16), 1: (2, 64, 8, 8), 2: (2, 96, 4, 4)}
-    assert [o.shape for o in outs] == [(2, 2 * C, 16, 16), (2, C, 8, 8), (2, C, 4, 4)]
+    assert [o.shape for o in outs] == [(2, 2 * C, 16, 16), (2, 2 * C, 8, 8), (2, 2 * C, 4, 4)]
     torch.testing.assert_close(model(x, t), outs[0])
     assert [tt.shape for tt in model.stage_targets(torch.randn(2, C, H, H))] == [(2, C, 16, 16), (2, C, 8, 8), (2, C, 4, 4)]
 
 
 def test_dice_cascade_denoises_next_input():
-    """Section 3.1: a stage's eps prediction, upsampled and scaled by sigma_t, is removed from the next input."""
+    """Section 3.1: a stage's eps prediction, upsampled and scaled by sigma_t, is removed from the next input;
+    a finer stage sees only that C-channel denoised estimate (no concat with the noisy input)."""
     model = perturb(tiny("DICE-T"))
     stem_inputs = {}
     hooks = [s.stem.register_forward_hook(lambda m, a, o, i=i: stem_inputs.__setitem__(i, a[0]))
@@ -184,12 +213,13 @@ def test_dice_cascade_denoises_next_input():
     for i, s in ((1, 2), (0, 1)):
         xs = F.avg_pool2d(x, s) if s > 1 else x
         up = outs[i + 1][:, :C].repeat_interleave(2, -1).repeat_interleave(2, -2)
-        torch.testing.assert_close(stem_inputs[i], torch.cat([xs, xs - sigma * up], 1))
+        assert stem_inputs[i].shape[1] == C
+        torch.testing.assert_close(stem_inputs[i], xs - sigma * up)
     assert model.stage_loss_weights == (1.0, 0.0, 0.0)  # section 3.1: no additional losses
 
 
-def test_dimr_features_pass_up_by_pixel_shuffle():
-    model = tiny("DiMR-T", num_classes=10)
+def test_tdn_features_pass_up_by_pixel_shuffle():
+    model = tiny("DICE-TDN-T", num_classes=10)
     assert [s.dim for s in model.stages] == [32, 64, 96] and model.stages[2].up is None
     assert isinstance(model.stages[0].up[1], torch.nn.PixelShuffle) and model.stages[0].up[0].in_channels == 64
     x, t, y = inputs(num_classes=10)
@@ -208,7 +238,7 @@ def test_tdln_interpolation_formula_and_log_snr():
     norm = perturb(TDLayerNorm(6), 0.5)
     with torch.no_grad():
         norm.w.fill_(0.8), norm.b.fill_(-0.3)
-    model = tiny("DiMR-T")
+    model = tiny("DICE-TDN-T")
     t = torch.tensor([0, 250, 999])
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
     log_snr = torch.tensor(np.log(abar / (1 - abar))[t.numpy()], dtype=torch.float32)
@@ -226,11 +256,11 @@ def test_tdln_interpolation_formula_and_log_snr():
 # ---------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("preset", ["DICE-T", "DICE-T-nohands", "DiMR-T"])
+@pytest.mark.parametrize("preset", ["DICE-T", "DICE-T-nohands", "DICE-TDN-T"])
 def test_gradients_reach_every_parameter(preset):
     model = perturb(tiny(preset, num_classes=10))
     x, t, y = inputs(num_classes=10)
-    if preset == "DiMR-T":
+    if preset == "DICE-TDN-T":
         loss = sum(o.square().mean() for o in model.stage_outputs(x, t, y))
     else:
         loss = model(x, t, y).square().mean()  # DICE trains only the final output
@@ -260,3 +290,61 @@ def test_flop_handle_counts_signal_function():
     # two hands double the depthwise-conv MACs
     assert counts["DICE-T"]["conv"] > counts["DICE-T-nohands"]["conv"]
     assert math.isclose(counts["DICE-T"]["linear"], counts["DICE-T-nohands"]["linear"])
+
+
+# ---------------------------------------------------------------------------------------------- seed 002 counts
+
+
+def _dice_closed_form_params(width=1152, mults=(1, 2, 3), depths=(6, 2, 1), cond=1152, C=4, classes=1000, hands=True):
+    """The arithmetic of issue 13: per block 2 hands (49C + C each) + C lambda, affine LN 2C, C->2C->C linears,
+    GRN 4C, layer scale C, adaLN Linear(cond, 3C); per stage a 1x1 stem C_in->D and head D->2C_in;
+    t-embedder 256->cond->cond and a (classes+1) x cond table."""
+    total = (256 * cond + cond) + (cond * cond + cond) + (classes + 1) * cond
+    for m, d in zip(mults, depths):
+        D = width * m
+        block = (2 * 50 * D + D if hands else 50 * D) + 2 * D + (2 * D * D + 2 * D) + 4 * D + (2 * D * D + D) + D
+        block += cond * 3 * D + 3 * D
+        total += d * block + (C * D + D) + (D * 2 * C + 2 * C)
+    return total
+
+
+@pytest.fixture(scope="module")
+def dice_xl():
+    from diffbias.metrics.flops import model_summary
+
+    return model_summary("DICE-XL")
+
+
+def test_dice_xl_reproduces_seed_002_parameters_exactly(dice_xl):
+    assert dice_xl["params"] == 178_425_240 == _dice_closed_form_params()
+    assert dice_xl["params_rel_err"] == 0
+
+
+def test_dice_xl_reproduces_seed_002_gflops_in_its_convention(dice_xl):
+    """Seed 002 table 2: 47.49 "GFlops" = fvcore MACs at 32x32x4 (batch 1, 1000 classes) without this project's
+    handles, i.e. the element-wise signal function costs 0; 1.05 G "Mult-Adds" is torchinfo's count."""
+    rows = {r["convention"]: r for r in dice_xl["published"]}
+    seed = rows["fvcore-as-shipped"]
+    assert seed["source"] == "seed 002 table 2" and seed["ours_params"] == 178_425_240
+    assert abs(seed["ours_gflops"] / 47.49 - 1) <= 5e-3
+    assert f"{seed['ours_gflops']:.2f}" == "47.49"  # to the printed digit
+    assert abs(dice_xl["gflops_rel_err"]) <= 5e-3
+    assert f"{seed['ours_mult_adds']:.2f}" == "1.05"
+    # our own convention prices the signal function: 7 ops x every hands output element
+    elements = 6 * 1152 * 32 * 32 + 2 * 2304 * 16 * 16 + 3456 * 8 * 8
+    assert dice_xl["by_operator"]["dice_signal"] == 7 * elements
+    assert dice_xl["macs"] - round(seed["ours_gflops"] * 1e9) == 7 * elements
+    assert f"{dice_xl['gflops']:.2f}" == "47.55"
+
+
+def test_dice_xl_nohands_keeps_the_widths():
+    from diffbias.metrics.flops import build_for_counting, count_parameters
+
+    kw = dict(input_size=32, in_channels=4, num_classes=1000)
+    hands = build_for_counting(preset="DICE-XL", **kw)
+    plain = build_for_counting(preset="DICE-XL-nohands", **kw)
+    assert [s.dim for s in plain.stages] == [s.dim for s in hands.stages] == [1152, 2304, 3456]
+    assert [len(s.blocks) for s in plain.stages] == [6, 2, 1]
+    # one hand (50 D) and the per-channel lambda (D) fewer per block
+    assert count_parameters(hands) - count_parameters(plain) == sum(51 * s.dim * len(s.blocks) for s in hands.stages)
+    assert count_parameters(plain) == _dice_closed_form_params(hands=False)

@@ -242,3 +242,21 @@ def test_cached_reference_features_give_the_same_metrics(built, images, harness_
     second = fid.compute_image_metrics(a, garbage, weights_path=weights, kid_subset_size=N, cpu_threads=1,
                                        reference_cache=tmp_path)
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-6)
+
+
+@needs_source
+def test_shared_reference_features_give_the_same_metrics(built, images, harness_result):
+    """Features once, metrics from features (the shared fid-reference path) == torch-fidelity end to end."""
+    weights, _ = built
+    a, b = images
+    fa = fid.inception_features(a, weights_path=weights, cpu_threads=1)
+    fb = fid.inception_features(b, weights_path=weights, cpu_threads=1)
+    assert fa.shape == (N, 2048) and fa.dtype == torch.float32
+    same = fid.metrics_from_features(fa, fb, kid_subset_size=N)  # harness_result: subsets = whole sets
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert same[key] == pytest.approx(harness_result[key], rel=1e-6, abs=1e-9), key
+    # the default KID subset is half the smaller set: the spread over subsets is then a real uncertainty
+    res = fid.metrics_from_features(fa, fb)
+    assert res["kid_subset_size"] == N // 2 == fid.kid_subset_size_for(N, N)
+    assert res["kid_std"] > 1e-3 * abs(res["kid_mean"]) and res["kid_std"] > harness_result["kid_std"]
+    assert res["fid"] == same["fid"]

@@ -231,3 +231,75 @@ def test_build_for_counting_matches_a_normal_build():
     assert count_parameters(fast) == count_parameters(normal)
     assert not any(p.is_meta for p in fast.parameters())
     torch.testing.assert_close(fast.pos_embed, normal.pos_embed)  # real buffers keep their values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counting conventions: every published number under its own convention (seed 002 table 2, DiMR README)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_seed002_counts_dit_xl2_without_attention_matmuls(dit_summaries):
+    """Seed 002 table 2: DiT-XL/2 114.46 "GFlops" = fvcore without a handle for fused attention (the DiT
+    paper's 118.64 prices QK^T and AV: 28 x 2 x 256^2 x 1152 = 4.23 G); 0.68 "Mult-Adds" = torchinfo."""
+    s = dit_summaries["DiT-XL/2"]
+    rows = {r["source"]: r for r in s["published"]}
+    seed, paper = rows["seed 002 table 2"], rows["DiT paper table 4"]
+    assert paper["convention"] == "diffbias" and paper["ours_gflops"] == s["gflops"]
+    assert seed["convention"] == "fvcore-as-shipped" and seed["gflops"] == 114.46
+    assert f"{seed['ours_gflops']:.2f}" == "114.46"
+    assert s["macs"] - round(seed["ours_gflops"] * 1e9) == 28 * 2 * 256**2 * 1152
+    assert seed["ours_params"] == seed["params"] == 674_834_720
+    assert f"{seed['ours_mult_adds']:.2f}" == "0.68"
+    # torchinfo: every Linear/Embedding/LayerNorm parameter once, the patch conv x 256 positions
+    conv = 4 * 2 * 2 * 1152 + 1152
+    assert round(seed["ours_mult_adds"] * 1e9) == 674_834_720 - conv + 256 * conv
+
+
+@pytest.mark.parametrize("preset,nc", [("DiT-T/2", 10), ("DICE-T", 10), ("UViT-T/2-GMM", 0)])
+def test_fvcore_as_shipped_equals_dropping_the_handled_ops(preset, nc):
+    from diffbias.metrics.flops import macs_without_handles
+
+    model = build_model(preset=preset, input_size=16, in_channels=1, num_classes=nc)
+    kw = dict(input_size=16, in_channels=1, num_classes=nc)
+    ours, df = count_flops(model, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unpriced project ops are skipped on purpose, silently
+        bare, dfb = count_flops(model, convention="fvcore-as-shipped", **kw)
+    assert bare == macs_without_handles(dict(zip(df.operator, df.macs))) < ours
+    assert dfb.attrs["convention"] == "fvcore-as-shipped"
+
+
+def test_torchinfo_mult_adds_rule():
+    from diffbias.metrics.flops import count_macs, count_mult_adds
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.lin = nn.Linear(3, 5)
+            self.extra = nn.Parameter(torch.ones(7))  # a non-leaf module's parameter: not counted
+
+        def forward(self, x, t):
+            return self.lin(self.conv(x).permute(0, 2, 3, 1)) * self.extra.sum()
+
+    net = Net()
+    conv = 2 * 3 * 9 + 3
+    expected = conv * 8 * 8 + (3 * 5 + 5)  # conv x output positions, the linear once per image
+    assert count_mult_adds(net, input_size=8, in_channels=2) == expected
+    assert count_mult_adds(net, input_size=8, in_channels=2, batch_size=3) == expected
+    assert count_macs(net, convention="torchinfo-mult-adds", input_size=8, in_channels=2) == expected
+    with pytest.raises(ValueError, match="unknown counting convention"):
+        count_macs(net, convention="thop", input_size=8, in_channels=2)
+
+
+def test_published_counts_only_for_the_published_model():
+    from diffbias.metrics.flops import format_published, published_counts
+
+    rows = published_counts("DiT-XL/2", {"hidden_size": 1152, "depth": 28, "num_heads": 16, "patch_size": 2})
+    assert [r["source"] for r in rows] == ["DiT paper table 4", "seed 002 table 2"]
+    assert published_counts("DiT-XL/2", {"depth": 27}) == [] and published_counts("DiT-T/2") == []
+    line = format_published(rows)
+    assert ("seed 002 table 2 [fvcore-as-shipped, 4x32x32, 1000 classes]: 674,834,720 params (ours 674,834,720), "
+            "114.46 GFLOPs (ours 114.46), 0.68 G mult-adds [torchinfo-mult-adds] (ours 0.68)") in line
+    # options that went through JSON (lists for tuples) still name the published model
+    assert published_counts("DICE-XL", {"width": 1152, "depths": [6, 2, 1]})[0]["params"] == 178_425_240

@@ -59,10 +59,14 @@ def test_zero_output_at_init_where_designed(name):
 
 
 def _perturb_zero_inits(model):
+    """Perturb constant-initialised tensors (zeros, and ones such as DiMR's time-dependent p0 = p1, whose
+    sigmoid weights get no gradient while p0 == p1)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
+            elif bool((p == p.flatten()[0]).all()):
+                p.add_(torch.randn_like(p) * 0.02)
 
 
 @pytest.mark.parametrize("name", TINY)

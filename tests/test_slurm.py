@@ -9,9 +9,12 @@ test-only overrides layered on top (``--profile slurm --profile tests/slurm``):
 * test_workflow_jobs_complete_on_slurm: a micro workflow (the project's ``workflow/configs/micro.yaml``
   study when the Snakefile and that config exist and DIFFBIAS_SLURM_TEST_TINY is not 1, else a
   self-contained tiny Snakefile) runs through
-  the cluster; every non-local job must be a SLURM job that sacct reports COMPLETED.
-* test_timeout_then_resumed_retry: a rule with ``runtime: 1`` (minute) hits the time limit (TIMEOUT),
-  is re-submitted with a longer runtime (``attempt * 1``) and resumes from a side checkpoint file.
+  the cluster; every ungrouped non-local job must be one SLURM job, every job group (the project's
+  per-run evaluation groups and the ``train_small`` group, see slurm/config.yaml) one SLURM job whose own
+  log shows its member jobs, and sacct must report each COMPLETED.
+* test_timeout_then_resumed_retry: a group job (a counter with ``runtime: 1`` minute and a summary job)
+  hits the time limit (TIMEOUT), is re-submitted with a longer runtime (``attempt * 1``) and the counter
+  resumes from a side checkpoint file.
 
 The timeout workflow takes about 3 minutes (SLURM checks time limits every ~30 s and the executor
 plugin's status polling backs off by 10 s per round); it is started in the background by a module
@@ -161,12 +164,38 @@ def _sacct(jobids: list[str]) -> list[dict[str, str]]:
     return rows
 
 
-def _sacct_listing(jobids: list[str]) -> str:
-    """The plain listing (all steps) for the record: sacct --format=JobID,JobName,State,ExitCode."""
+def _sacct_listing(jobids: list[str], comment: bool = False) -> str:
+    """The plain listing (all steps) for the record: sacct --format=JobID,JobName,State,ExitCode[,Comment]."""
+    fields = "JobID,JobName,State,ExitCode,Elapsed,Timelimit" + (",Comment%90" if comment else "")
     return subprocess.run(
-        ["sacct", "--format=JobID,JobName,State,ExitCode", "-P", "-n", "-j", ",".join(jobids)],
+        ["sacct", f"--format={fields}", "-P", "-n", "-j", ",".join(jobids)],
         capture_output=True, text=True,
     ).stdout
+
+
+def _group_jobs(log: str) -> dict[str, list[str]]:
+    """Group jobs announced in snakemake's log: group id -> the rules of its member jobs."""
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Group job (\S+) \(jobs in lexicogr\. order\):", line)
+        if m:
+            current = groups.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"    rule (\w+):$", line)
+        if m and current is not None:
+            current.append(m.group(1))
+        elif re.match(r"(local)?rule \w+:$", line):  # the next job outside any group
+            current = None
+    return groups
+
+
+def _rules_in_slurm_log(wd: Path, jobid: str) -> Counter:
+    """Rules the job step's Snakemake ran inside SLURM job `jobid` (its log under .snakemake/slurm_logs)."""
+    logs = list((wd / ".snakemake" / "slurm_logs").rglob(f"{jobid}.log"))
+    assert len(logs) == 1, (jobid, logs)
+    text = logs[0].read_text(errors="replace")
+    return Counter(re.findall(r"^(?:local)?rule (\w+):$", text, flags=re.M))
 
 
 # --------------------------------------------------------------------------- tiny workflows
@@ -226,8 +255,18 @@ COUNTER_PY = textwrap.dedent(
 )
 RESUMABLE_SNAKEFILE = textwrap.dedent(
     f"""
+    # one group job (as the project's evaluation groups): the group's time limit is the sum of its
+    # members' runtimes (1 min x attempt + 0), its retry resumes the counter
+    rule summary:
+        input: "resumed.txt"
+        output: "summary.txt"
+        group: "timed"
+        resources: mem_mb=300, runtime=0
+        shell: "cp {{input}} {{output}}"
+
     rule resumable:
         output: "resumed.txt"
+        group: "timed"
         params: ckpt="checkpoints/counter"   # side path, not a declared output
         resources: mem_mb=300, runtime=lambda wc, attempt: attempt * 1   # minutes
         shell:
@@ -302,26 +341,47 @@ def test_workflow_jobs_complete_on_slurm(tmp_path):
                                    out=tmp_path / "snakemake.out")
     assert rc == 0, f"snakemake failed (rc {rc}, None = timed out after {wall:.0f}s):\n{log[-6000:]}"
 
-    nonlocal_jobs = re.findall(r"^rule (\w+):$", log, flags=re.M)
+    nonlocal_jobs = re.findall(r"^rule (\w+):$", log, flags=re.M)  # ungrouped: one SLURM job each
+    groups = _group_jobs(log)  # group id -> its member rules: one SLURM job per group
     local_jobs = re.findall(r"^localrule (\w+):$", log, flags=re.M)
     jobids = _submitted_jobids(log)
-    assert nonlocal_jobs, f"no non-local job ran:\n{log[-4000:]}"
+    assert nonlocal_jobs or groups, f"no non-local job ran:\n{log[-4000:]}"
     assert "Trying to restart" not in log, "a job failed and was retried"
-    assert len(jobids) == len(nonlocal_jobs), (nonlocal_jobs, jobids)
+    assert len(jobids) == len(nonlocal_jobs) + len(groups), (nonlocal_jobs, groups, jobids)
 
     rows = _sacct(jobids)
-    print(f"\n[{'project micro study' if use_project else 'tiny Snakefile'}] {wall:.0f}s; "
-          f"{len(jobids)} SLURM jobs, local rules: {sorted(set(local_jobs))}\n" + _sacct_listing(jobids))
+    members = sum(len(m) for m in groups.values())
+    print(f"\n[{'project micro study' if use_project else 'tiny Snakefile'}] {wall:.0f}s; {len(jobids)} SLURM jobs "
+          f"for {len(nonlocal_jobs) + members} non-local jobs ({len(groups)} group jobs holding {members}); "
+          f"local rules: {sorted(set(local_jobs))}\n" + _sacct_listing(jobids, comment=True))
     assert sorted(r_["JobID"] for r_ in rows) == sorted(jobids), rows
     for row in rows:
         assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", row
         assert row["Partition"] == partition, row  # DIFFBIAS_SLURM_PARTITION reached sbatch -p
         if account:
             assert row["Account"] == account, row  # DIFFBIAS_SLURM_ACCOUNT reached sbatch -A
-    # one SLURM job per non-local job, named after its rule (plugin's --comment rule_<name>...)
-    by_rule = Counter(re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", row["Comment"]).group(1) for row in rows)
+    # The plugin names every job after the workflow run (JobName = run UUID) and says what it is in the
+    # comment: `rule_<rule>_wildcards_<...>` for a single job, `rule_<group id>_<member rules>` for a group.
+    group_rows = {g: [r_ for r_ in rows if r_["Comment"].startswith(f"rule_{g}_")] for g in groups}
+    assert all(len(found) == 1 for found in group_rows.values()), group_rows
+    single = [r_ for r_ in rows if not any(r_ in found for found in group_rows.values())]
+    by_rule = Counter(re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", row["Comment"]).group(1) for row in single)
     assert by_rule == Counter(nonlocal_jobs), (by_rule, nonlocal_jobs)
-    assert not set(local_jobs) & set(by_rule), "a localrule was submitted to SLURM"
+    assert not set(local_jobs) & (set(by_rule) | {m for ms in groups.values() for m in ms}), \
+        "a localrule was submitted to SLURM"
+    # every member of a group ran inside its group's SLURM job (the job step's own Snakemake log says so)
+    for g, found in group_rows.items():
+        ran = _rules_in_slurm_log(wd, found[0]["JobID"])
+        assert ran == Counter(groups[g]), (g, ran, groups[g])
+
+    if use_project:
+        # the per-run evaluations are one SLURM job per run, the N = 10 trainings share one
+        runs = {Path(p).parts[-4:] for p in (wd / "results/runs").glob("*/*/N*/seed*")}
+        evals = {g for g in groups if g.startswith("eval_")}
+        assert len(evals) == len(runs) == 4, (evals, runs)
+        assert sorted(groups["train_small"]) == ["train", "train"], groups
+        assert Counter(nonlocal_jobs)["train"] == 2 and "psnr_gap" not in nonlocal_jobs, nonlocal_jobs
+        assert len(jobids) < len(nonlocal_jobs) + members
 
     if not use_project:
         # each job recorded the SLURM job id it ran under; local rules ran outside SLURM
@@ -351,8 +411,12 @@ def test_timeout_then_resumed_retry(resumable_run):
     first, second = rows[jobids[0]], rows[jobids[1]]
     assert first["State"] == "TIMEOUT", first
     assert second["State"] == "COMPLETED" and second["ExitCode"] == "0:0", second
-    assert first["Comment"] == second["Comment"] == "rule_resumable"
-    assert "status is: 'TIMEOUT'" in log and "Trying to restart" in log
+    assert first["Comment"] == second["Comment"] == "rule_timed_resumable_summary"  # one group job, twice
+    groups = _group_jobs(log)  # announced once per submission
+    assert list(groups) == ["timed"] and groups["timed"] == ["resumable", "summary"] * 2, groups
+    assert (wd / "summary.txt").read_text() == (wd / "resumed.txt").read_text()
+    # (for a group job Snakemake logs "Error in group <id>", not the plugin's SLURM status: sacct says TIMEOUT)
+    assert "Error in group timed" in log and "Trying to restart" in log
 
     # the retry resumed from the side checkpoint instead of starting over
     out = dict(kv.split("=") for kv in (wd / "resumed.txt").read_text().split())
@@ -380,6 +444,12 @@ def test_project_profile_settings(monkeypatch):
     assert p["executor"] == "slurm" and int(p["jobs"]) > 0
     assert p["rerun-incomplete"] == "True" and p["keep-going"] == "True" and p["printshellcmds"] == "True"
     assert int(p["latency-wait"]) == 60 and int(p["retries"]) == 2
+    # job groups: every `group:` pattern of the rules spans its disconnected pieces (see the rules)
+    components = dict(entry.split("=") for entry in p["group-components"])
+    patterns = set(re.findall(r'^\s+group: "(.+?)"', "".join(
+        f.read_text() for f in sorted((REPO / "workflow" / "rules").glob("*.smk"))), flags=re.M))
+    assert patterns == {"eval_{dataset}_{variant}_N{n}_seed{seed}"}, patterns
+    assert {k: int(v) for k, v in components.items()} == {"eval_{dataset}_{variant}_N{n}_seed{seed}": 100, "train_small": 3}
     # nothing site-specific unless the environment says so
     assert not any(r.startswith(("slurm_partition=", "slurm_account=")) for r in p["default-resources"])
     assert "set-resources" not in p

@@ -1,11 +1,13 @@
 import json
 import math
+import os
 import shutil
 
 import pandas as pd
 import pytest
 import torch
 
+from diffbias.io import CorruptFileError, load_torch_checked, save_torch_checked
 from diffbias.train import NonFiniteLossError, TimeBudgetReached, Trainer, ema_decay_at, load_trained
 
 
@@ -77,7 +79,7 @@ def test_nan_loss_stops_the_run_with_a_message(tiny_dataset, tmp_path):
 def test_time_budget_checkpoints_and_stops(tiny_dataset, tmp_path):
     with pytest.raises(TimeBudgetReached, match="checkpoint saved"):
         _train(_spec(steps=10_000), tiny_dataset, tmp_path, "budget", max_runtime_minutes=0.5)
-    ckpt = torch.load(tmp_path / "budget.ckpt", weights_only=False)
+    ckpt = load_torch_checked(tmp_path / "budget.ckpt")
     assert 0 < ckpt["step"] < 10_000
     assert not (tmp_path / "budget" / "model.pt").exists()
 
@@ -138,3 +140,93 @@ def test_peak_memory_in_log_and_run_json(tiny_dataset, tmp_path):
     assert set(log["device"]) == {"cpu"}
     run = json.loads((tmp_path / "mem" / "run.json").read_text())
     assert run["peak_memory_mb"] >= log["peak_memory_mb"].max() and run["snapshot_steps"] == []
+
+
+# ---------------------------------------------------------------------------------- checkpoint integrity
+def _killed_at(spec, data, tmp_path, name, step, **cfg):
+    """A trainer "killed" just after checkpointing at `step` (every 4 steps), before writing outputs."""
+    t = Trainer(spec, data, tmp_path / name, tmp_path / f"{name}.ckpt", device="cpu")
+    t.cfg = dict(t.cfg, steps=step + 1, **cfg)  # the last step checkpoints only when it is not the final one
+    t.write_outputs = lambda: None
+    t.run(progress=False)
+    return t
+
+
+def _assert_same_result(a_dir, b_dir):
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a_dir / "train_log.parquet")[["step", "loss", "mse", "vb"]],
+        pd.read_parquet(b_dir / "train_log.parquet")[["step", "loss", "mse", "vb"]],
+    )
+    a, b = torch.load(a_dir / "model.pt", weights_only=False), torch.load(b_dir / "model.pt", weights_only=False)
+    assert a["step"] == b["step"] and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_checkpoint_rotation_keeps_the_previous_one(tiny_dataset, tmp_path):
+    t = _killed_at(_spec(), tiny_dataset, tmp_path, "rot", 8)  # checkpoints at 4 and 8
+    assert load_torch_checked(t.checkpoint_path)["step"] == 8
+    assert load_torch_checked(t.prev_checkpoint_path)["step"] == 4
+    assert t.prev_checkpoint_path.name == "rot.prev.ckpt"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_checkpoint_resumes_from_the_previous_one(tiny_dataset, tmp_path, damage, caplog):
+    """A truncated/corrupt latest checkpoint is detected by its checksum, logged, and the run resumes from
+    the previous good one (step 4) and still ends with exactly the uninterrupted result."""
+    full = _train(_spec(), tiny_dataset, tmp_path, "full")
+    killed = _killed_at(_spec(), tiny_dataset, tmp_path, "r", 8)
+    ckpt = killed.checkpoint_path
+    data = ckpt.read_bytes()
+    if damage == "truncate":
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one byte changed in the middle: only the checksum can tell
+        i = len(data) // 2
+        ckpt.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    else:
+        ckpt.write_bytes(b"")
+    with pytest.raises(CorruptFileError):
+        load_torch_checked(ckpt)
+    resumed = Trainer(_spec(), tiny_dataset, tmp_path / "r", ckpt, device="cpu")
+    with caplog.at_level("WARNING", logger="diffbias.train"):
+        assert resumed.try_resume() and resumed.step == 4
+    assert "ignoring damaged checkpoint" in caplog.text and str(ckpt) in caplog.text
+    resumed.run(progress=False)
+    _assert_same_result(tmp_path / "full", tmp_path / "r")
+    assert full.step == resumed.step == 12
+    assert not ckpt.exists() and not resumed.prev_checkpoint_path.exists()  # finished: both removed
+
+
+def test_both_checkpoints_damaged_restarts_from_scratch(tiny_dataset, tmp_path, caplog):
+    _train(_spec(), tiny_dataset, tmp_path, "full")
+    killed = _killed_at(_spec(), tiny_dataset, tmp_path, "r", 8)
+    for path in (killed.checkpoint_path, killed.prev_checkpoint_path):
+        path.write_bytes(path.read_bytes()[:-100])
+    fresh = Trainer(_spec(), tiny_dataset, tmp_path / "r", killed.checkpoint_path, device="cpu")
+    with caplog.at_level("WARNING", logger="diffbias.train"):
+        fresh.run(progress=False)  # no crash, no garbage: from step 0
+    assert caplog.text.count("ignoring damaged checkpoint") == 2
+    _assert_same_result(tmp_path / "full", tmp_path / "r")
+
+
+def test_killed_between_rotation_and_write_resumes_from_the_previous_one(tiny_dataset, tmp_path):
+    """save_checkpoint renames latest -> prev, then writes: a kill in between leaves only prev."""
+    _train(_spec(), tiny_dataset, tmp_path, "full")
+    killed = _killed_at(_spec(), tiny_dataset, tmp_path, "r", 8)
+    os.replace(killed.checkpoint_path, killed.prev_checkpoint_path)  # the rename done, the write not
+    resumed = Trainer(_spec(), tiny_dataset, tmp_path / "r", killed.checkpoint_path, device="cpu")
+    assert resumed.try_resume() and resumed.step == 8
+    assert resumed.checkpoint_path.exists() and not resumed.prev_checkpoint_path.exists()
+    resumed.run(progress=False)
+    _assert_same_result(tmp_path / "full", tmp_path / "r")
+
+
+def test_checked_file_roundtrip_and_legacy_plain_file(tmp_path):
+    obj = {"a": torch.arange(5), "b": [1, 2]}
+    save_torch_checked(obj, tmp_path / "x.pt")
+    back = load_torch_checked(tmp_path / "x.pt")
+    assert torch.equal(back["a"], obj["a"]) and back["b"] == [1, 2]
+    torch.save(obj, tmp_path / "plain.pt")  # written by an older version: still loads when complete
+    assert load_torch_checked(tmp_path / "plain.pt")["b"] == [1, 2]
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:-200])
+    with pytest.raises(CorruptFileError, match="no checksum trailer"):
+        load_torch_checked(tmp_path / "cut.pt")

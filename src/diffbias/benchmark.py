@@ -33,6 +33,7 @@ at 32x32x3, the 250-step chain). Every setting can be overridden (see :func:`set
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import statistics
@@ -287,14 +288,15 @@ def training_benchmark(
     """Median wall time of the real training step (hybrid loss + AdamW) per preset."""
     from .diffusion import create_diffusion
     from .metrics.flops import count_parameters
-    from .train import diffusion_loss, param_groups
+    from .train import diffusion_loss, ema_update, make_optimizer
 
     device = resolve_device(device)
     diffusion = create_diffusion(None)
     rows = []
     for preset in presets:
         model = _build(preset, input_size, in_channels, device, seed).train()
-        opt = torch.optim.AdamW(param_groups(model, lr, 0.0), lr=lr)
+        opt = make_optimizer(model, lr, 0.0)  # the training loop's optimiser and EMA: a real step
+        ema = copy.deepcopy(model).requires_grad_(False)
         gen = torch.Generator().manual_seed(seed)
         batches = [
             (
@@ -311,6 +313,7 @@ def training_benchmark(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            ema_update(ema, model, 0.999)
 
         reset_peak_memory(device)
         times = [time_call(lambda i=i: train_step(i), device) for i in range(warmup + steps)][warmup:]
@@ -327,7 +330,7 @@ def training_benchmark(
             "peak_fraction": achieved / peak_tflops if peak_tflops else math.nan,
             "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "device": device,
         })
-        del model, opt, batches
+        del model, opt, ema, batches
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return pd.DataFrame(rows)

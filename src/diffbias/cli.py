@@ -87,6 +87,47 @@ def _reference_images(spec: dict, images, which: str, max_reference: int):
     return images[pool[: min(len(pool), max_reference)]]
 
 
+def _load_reference_features(args, spec: dict, images, device) -> "torch.Tensor":
+    """The reference set's Inception features: from the shared `fid-reference` file when given (computed once
+    per dataset, N and seed for every variant), else computed here from the same images."""
+    import numpy as np
+    import torch
+
+    from .metrics.fid import inception_features
+
+    if getattr(args, "reference_features", None):
+        with np.load(args.reference_features) as f:
+            expected = {"N": spec["run"]["N"], "seed": spec["run"]["seed"], "reference": args.reference,
+                        "max_reference": args.max_reference}
+            found = {k: (f[k].item() if f[k].shape == () else f[k].tolist()) for k in expected}
+            if found != expected:
+                raise SystemExit(f"{args.reference_features} was computed for {found}, this run needs {expected}")
+            return torch.from_numpy(f["features"])
+    reference = _reference_images(spec, images, args.reference, args.max_reference)
+    return inception_features(reference, device=str(device), cpu_threads=args.threads)
+
+
+def cmd_fid_reference(args) -> None:
+    """Inception features of one FID reference set (dataset, N, seed), shared by every variant's FID jobs."""
+    import numpy as np
+
+    from . import data as data_lib
+    from .io import atomic_path
+    from .metrics.fid import inception_features
+    from .train import resolve_device
+
+    _threads(args.threads)
+    images, _, _ = data_lib.load_prepared(args.data)
+    spec = {"run": {"N": args.n, "seed": args.seed}, "dataset": {"test_size": args.test_size}}
+    reference = _reference_images(spec, images, args.reference, args.max_reference)
+    feats = inception_features(reference, device=str(resolve_device(args.device)), cpu_threads=args.threads)
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, features=feats.numpy(), N=args.n, seed=args.seed, reference=args.reference,
+                     max_reference=args.max_reference)
+    print(f"[fid-reference N={args.n} seed={args.seed}] {len(reference)} {args.reference} images -> {args.out}")
+
+
 def cmd_fid(args) -> None:
     import time
 
@@ -95,7 +136,7 @@ def cmd_fid(args) -> None:
 
     from . import data as data_lib
     from .io import atomic_path, provenance, write_parquet
-    from .metrics.fid import compute_image_metrics
+    from .metrics.fid import inception_features, metrics_from_features
     from .sampling import sample_images
     from .train import load_trained, resolve_device
 
@@ -104,14 +145,15 @@ def cmd_fid(args) -> None:
     model, ckpt = load_trained(args.model, device)
     spec, run = ckpt["spec"], ckpt["spec"]["run"]
     images, _, _ = data_lib.load_prepared(args.data)
-    reference = _reference_images(spec, images, args.reference, args.max_reference)
+    reference = _load_reference_features(args, spec, images, device)
     shape = tuple(images.shape[1:])
     t0 = time.perf_counter()
     samples = sample_images(model, args.num_samples, image_shape=shape, steps=args.steps, seed=args.sample_seed,
                             batch_size=args.batch_size)
     sampling_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads)
+    features = inception_features(samples, device=str(device), cpu_threads=args.threads)
+    metrics = metrics_from_features(features, reference, cpu_threads=args.threads)
     metric_s = time.perf_counter() - t0
     with atomic_path(args.samples_out) as tmp:
         with open(tmp, "wb") as fh:
@@ -120,14 +162,14 @@ def cmd_fid(args) -> None:
            "sampling_s": sampling_s, "metric_s": metric_s, "sampling_images_per_s": args.num_samples / sampling_s}
     meta = {"spec": spec, "provenance": provenance(None, str(device))}
     write_parquet(pd.DataFrame([row]), args.out, meta)
-    print(f"[fid {run}] FID {metrics['fid']:.2f} from {len(samples)} samples vs {len(reference)} reference images "
+    print(f"[fid {run}] FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f} +- {metrics['kid_std']:.4f} from "
+          f"{len(samples)} samples vs {len(reference)} reference images "
           f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)")
 
 
 def cmd_freeu_grid(args) -> None:
     """Seed 000 sec. 3.2: FreeU-style (b, s) scaling at inference on ONE trained U-ViT, no retraining."""
     import itertools
-    import tempfile
     import time
 
     import numpy as np
@@ -135,7 +177,7 @@ def cmd_freeu_grid(args) -> None:
 
     from . import data as data_lib
     from .io import atomic_path, provenance, write_parquet
-    from .metrics.fid import compute_image_metrics
+    from .metrics.fid import inception_features, metrics_from_features
     from .models.uvit import freeu_scaling
     from .sampling import sample_images
     from .train import load_trained, resolve_device
@@ -145,20 +187,20 @@ def cmd_freeu_grid(args) -> None:
     model, ckpt = load_trained(args.model, device)
     spec, run = ckpt["spec"], ckpt["spec"]["run"]
     images, _, _ = data_lib.load_prepared(args.data)
-    reference = _reference_images(spec, images, "train", args.max_reference)
+    reference = inception_features(_reference_images(spec, images, "train", args.max_reference), device=str(device),
+                                   cpu_threads=args.threads)  # once per grid
     rows, grids = [], {}
-    with tempfile.TemporaryDirectory(prefix="diffbias-fid-") as cache:  # reference features once per grid
-        for b, s in itertools.product(args.b, args.s):
-            t0 = time.perf_counter()
-            with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
-                samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
-                                        seed=args.sample_seed, batch_size=args.batch_size)
-            metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads,
-                                            reference_cache=cache)
-            rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
-                         "seconds": time.perf_counter() - t0})
-            grids[f"b{b}_s{s}"] = samples[: args.keep]
-            print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
+    for b, s in itertools.product(args.b, args.s):
+        t0 = time.perf_counter()
+        with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
+            samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
+                                    seed=args.sample_seed, batch_size=args.batch_size)
+        features = inception_features(samples, device=str(device), cpu_threads=args.threads)
+        metrics = metrics_from_features(features, reference, cpu_threads=args.threads)
+        rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
+                     "seconds": time.perf_counter() - t0})
+        grids[f"b{b}_s{s}"] = samples[: args.keep]
+        print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
     write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
     with atomic_path(args.samples_out) as tmp:
         with open(tmp, "wb") as fh:
@@ -166,41 +208,55 @@ def cmd_freeu_grid(args) -> None:
 
 
 def cmd_fid_curve(args) -> None:
-    """Seed 002 figs. 11-12: FID of every EMA snapshot and of the final model, against one reference set."""
-    import tempfile
+    """Seed 002 figs. 11-12: FID of every EMA snapshot and of the final model, against one reference set.
+
+    With ``--final-fid`` (the run's own fid.parquet: same model, sample seeds and reference) the final point is
+    read from it instead of being sampled and scored a second time.
+    """
     import time
 
     import pandas as pd
 
     from . import data as data_lib
     from .io import provenance, write_parquet
-    from .metrics.fid import compute_image_metrics
+    from .metrics.fid import inception_features, metrics_from_features
     from .sampling import sample_images
     from .train import load_trained, resolve_device
 
     _threads(args.threads)
     device = resolve_device(args.device)
-    snapshots = sorted(Path(args.snapshots).glob("ema_*.pt")) + [Path(args.model)]
+    snapshots = sorted(Path(args.snapshots).glob("ema_*.pt"))
     _, final = load_trained(args.model, "cpu")
     spec, run = final["spec"], final["spec"]["run"]
     images, _, _ = data_lib.load_prepared(args.data)
-    reference = _reference_images(spec, images, args.reference, args.max_reference)
+    reference = _load_reference_features(args, spec, images, device)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="diffbias-fid-") as cache:
-        for path in snapshots:
-            model, ckpt = load_trained(path, device)
-            t0 = time.perf_counter()
-            samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
-                                    seed=args.sample_seed, batch_size=args.batch_size)  # same seeds at every step
-            sampling_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics = compute_image_metrics(samples, reference, device=str(device), cpu_threads=args.threads,
-                                            reference_cache=cache)
-            rows.append({**run, "step": ckpt["step"], "final": path == Path(args.model), **metrics,
-                         "sampling_steps": args.steps, "reference": args.reference, "sampling_s": sampling_s,
-                         "metric_s": time.perf_counter() - t0})
-            print(f"[fid-curve {run['variant']} N={run['N']}] step {ckpt['step']}: FID {metrics['fid']:.2f} "
-                  f"(sampling {sampling_s:.0f}s, inception {rows[-1]['metric_s']:.0f}s)", flush=True)
+    final_row = None
+    if args.final_fid:
+        final_row = pd.read_parquet(args.final_fid).iloc[0].to_dict()
+        same = (final_row["step"] == final["step"] and final_row["num_samples"] == args.num_samples
+                and final_row["sampling_steps"] == args.steps and final_row["reference"] == args.reference)
+        if not same:
+            raise SystemExit(f"{args.final_fid} was computed with other settings than this FID curve")
+    else:
+        snapshots.append(Path(args.model))
+    for path in snapshots:
+        model, ckpt = load_trained(path, device)
+        t0 = time.perf_counter()
+        samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
+                                seed=args.sample_seed, batch_size=args.batch_size)  # same seeds at every step
+        sampling_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        features = inception_features(samples, device=str(device), cpu_threads=args.threads)
+        metrics = metrics_from_features(features, reference, cpu_threads=args.threads)
+        rows.append({**run, "step": ckpt["step"], "final": path == Path(args.model), **metrics,
+                     "sampling_steps": args.steps, "reference": args.reference, "sampling_s": sampling_s,
+                     "metric_s": time.perf_counter() - t0})
+        print(f"[fid-curve {run['variant']} N={run['N']}] step {ckpt['step']}: FID {metrics['fid']:.2f} "
+              f"(sampling {sampling_s:.0f}s, inception {rows[-1]['metric_s']:.0f}s)", flush=True)
+    if final_row is not None:
+        keep = set(rows[0]) if rows else set(final_row)
+        rows.append({**{k: v for k, v in final_row.items() if k in keep}, "final": True})
     write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
 
 
@@ -245,13 +301,28 @@ def cmd_jacobian(args) -> None:
     device = resolve_device(args.device)
     model, ckpt = load_trained(args.model, device)
     images = _test_images(ckpt, args.data, args.num_images)
-    df, vecs = jacobian_analysis(model, images, args.t, chunk_size=args.chunk_size, top_k=args.top_k)
+    df, vecs = jacobian_analysis(model, images, args.t, chunk_size=args.chunk_size, top_k=args.top_k, method=args.method,
+                                 block_size=args.block_size, max_products=args.max_products, tol=args.tol)
     for key, value in ckpt["spec"]["run"].items():
         df[key] = value
     write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, str(device))})
     with atomic_path(args.vectors_out) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, eigenvectors=vecs.numpy(), t=np.array(args.t))
+
+
+def cmd_cost(args) -> None:
+    """GPU-hours of a config's training and evaluation jobs, from FLOP counts and a throughput (no job runs)."""
+    from .config import load_config
+    from .cost import format_summary, gpu_hours
+
+    config = load_config(args.configfile)
+    runs, summary, note = gpu_hours(config, tflops=args.throughput_tflops, benchmark=args.benchmark)
+    print(format_summary(summary, note, args.configfile))
+    if args.out:
+        from .io import write_parquet
+
+        write_parquet(runs, args.out, {"summary": summary.to_dict(orient="records"), "throughput": note})
 
 
 def cmd_attention(args) -> None:
@@ -314,7 +385,7 @@ def cmd_counts(args) -> None:
     import pandas as pd
 
     from .io import provenance, write_parquet
-    from .metrics.flops import count_flops, count_parameters
+    from .metrics.flops import count_flops, count_parameters, format_published, published_counts
     from .models import PRESETS, build_model
 
     study = json.loads(args.study)
@@ -327,7 +398,9 @@ def cmd_counts(args) -> None:
         rows.append({"variant": variant, "label": study["labels"].get(variant, variant), "backbone": v["backbone"],
                      "preset": v.get("preset"), "params": count_parameters(model), "gmacs": macs / 1e9,
                      "input": f"{ds['channels']}x{ds['resolution']}x{ds['resolution']}",
-                     "reference_params": ref.get("params"), "reference_gflops": ref.get("gflops")})
+                     "reference_params": ref.get("params"), "reference_gflops": ref.get("gflops"),
+                     # every published count of the preset vs ours at its input, under its own convention
+                     "published": format_published(published_counts(v["preset"], v["options"])) if v.get("preset") else ""})
         table = table.assign(variant=variant)
         ops.append(table)
     write_parquet(pd.DataFrame(rows), args.out, {"study": study, "provenance": provenance()})
@@ -393,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     fid_common.add_argument("--max-reference", type=int, default=50_000)
     fid_common.add_argument("--sample-seed", type=int, default=0)
     fid_common.add_argument("--batch-size", type=int, default=64)
+    fid_common.add_argument("--reference-features", default=None,
+                            help="the shared fid-reference file of this run's (dataset, N, seed); else computed here")
 
     p = sub.add_parser("fid", parents=[fid_common], help="sample from the EMA model and compute FID/KID/precision/recall")
     p.add_argument("--samples-out", required=True)
@@ -400,7 +475,18 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("fid-curve", parents=[fid_common], help="FID of a run's EMA snapshots and final model (FID over training)")
     p.add_argument("--snapshots", required=True, help="the run's ema_snapshots/ folder")
+    p.add_argument("--final-fid", default=None, help="the run's fid.parquet: its row is the curve's final point")
     p.set_defaults(func=cmd_fid_curve)
+
+    p = sub.add_parser("fid-reference", parents=[common], help="Inception features of one FID reference set")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, required=True, help="training-set size N of the runs it serves")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--test-size", type=int, required=True, help="the data set's test_size (defines the split)")
+    p.add_argument("--reference", choices=["train", "test"], required=True)
+    p.add_argument("--max-reference", type=int, required=True)
+    p.set_defaults(func=cmd_fid_reference)
 
     p = sub.add_parser("freeu-grid", parents=[common], help="FID over a FreeU-style (b, s) grid on one trained U-ViT")
     p.add_argument("--model", required=True)
@@ -433,8 +519,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--t", type=int, nargs="+", default=[250])
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=256, help="full method: rows per batch")
+    p.add_argument("--method", choices=["auto", "full", "lanczos"], default="auto",
+                   help="full Jacobian + eigh, matrix-free block Lanczos, or auto (full up to D = 1024)")
+    p.add_argument("--block-size", type=int, default=8, help="lanczos: vectors per batched product")
+    p.add_argument("--max-products", type=int, default=512, help="lanczos: product budget per image and t")
+    p.add_argument("--tol", type=float, default=1e-3, help="lanczos: relative residual of the top-k pairs")
     p.set_defaults(func=cmd_jacobian)
+
+    p = sub.add_parser("cost", help="training and evaluation GPU-hours of a config, before running it")
+    p.add_argument("--configfile", required=True)
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--throughput-tflops", type=float, default=None,
+                      help="sustained TFLOP/s per GPU (default 124.8 = 40%% of an A100's 312 bf16)")
+    rate.add_argument("--benchmark", default=None, help="a benchmark training.parquet measured on the node type")
+    p.add_argument("--out", default=None, help="optional parquet of the per-run GPU-hours")
+    p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser("attention", parents=[common], help="attention-map locality of a trained run")
     p.add_argument("--model", required=True)

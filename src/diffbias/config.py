@@ -7,6 +7,7 @@ and variant plus the global training defaults, so a run used by several studies 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 # Pool sizes known without touching the data, so "N too large" fails before any job starts.
 KNOWN_POOL_SIZES = {"fashion_mnist": 70_000, "cifar10": 60_000}
+# Class counts used only to build class-conditional models at DAG time (the trainer reads the real count
+# from the labels; the embedding table's size cannot make a constructor fail).
+KNOWN_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet32": 1000}
 
 
 class ConfigError(ValueError):
@@ -128,6 +132,7 @@ def _check_semantics(config: dict) -> None:
                 if variant not in config["variants"]:
                     raise ConfigError(f"{skey}.variants", f"unknown variant {variant!r}; known: {sorted(config['variants'])}")
                 _check_variant_fits(config, variant, ds, f"variants.{variant}")
+                _check_variant_builds(config, variant, ds)
         baseline = study.get("baseline")
         if baseline is not None and baseline not in study["variants"]:
             raise ConfigError(f"{skey}.baseline", f"baseline {baseline!r} is not one of the study's variants")
@@ -149,6 +154,112 @@ def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> 
             check_windows_fit(parse_attention_spec(options.get("attention"), options.get("depth", 12)), (grid, grid))
         except ValueError as exc:
             raise ConfigError(f"{key}.options.attention", str(exc)) from None
+
+
+def _check_variant_builds(config: dict, variant: str, dataset: dict) -> None:
+    """Build the variant's model on the ``meta`` device at the data set's shape (no weights allocated).
+
+    Unknown options (a ``TypeError`` from the constructor) and inconsistent ones (e.g. a width not
+    divisible by the heads) fail here, before any job, with the model's own message.
+    """
+    from .models import resolve_options
+
+    v = config["variants"][variant]
+    backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
+    training = {**config.get("training", {}), **v.get("training", {})}
+    num_classes = KNOWN_NUM_CLASSES.get(dataset["source"], 10) if training.get("class_conditional") else 0
+    error = _meta_build_error(backbone, json.dumps(options, sort_keys=True, default=str),
+                              int(dataset["channels"]), int(dataset["resolution"]), num_classes)
+    if error is not None:
+        raise ConfigError(f"variants.{variant}.options", f"{error} (building {backbone!r} for a "
+                          f"{dataset['channels']}x{dataset['resolution']}x{dataset['resolution']} input)")
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_build_error(backbone: str, options_json: str, channels: int, resolution: int, num_classes: int) -> str | None:
+    """The constructor's error message, or None when the model builds. Cached per distinct model and shape,
+    so the cost grows with the number of distinct variants, not with variants x N x seeds x data sets."""
+    import torch
+
+    from .models import BACKBONES
+
+    try:
+        with torch.device("meta"), skip_init_on_meta():
+            BACKBONES[backbone](input_size=resolution, in_channels=channels, num_classes=num_classes,
+                                learn_sigma=True, **json.loads(options_json))
+    except Exception as exc:  # the constructor's own message, whatever its type
+        message = (str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) or type(exc).__name__
+        return message if isinstance(exc, (ValueError, AssertionError)) else f"{type(exc).__name__}: {message}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _skip_init_mode():
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipInitOnMeta(TorchFunctionMode):
+        """In-place initialisers (``normal_``, ``uniform_``, ``copy_`` ...) on meta tensors become no-ops.
+
+        A meta tensor has no values to initialise, but PyTorch routes e.g. ``normal_`` on meta through its
+        Python reference implementations, which import ``torch._dynamo`` (about 2 s and 100s of MB)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if name.endswith("_") and not name.startswith("_") and name != "requires_grad_":
+                # torch.nn.init.* pass their tensor as a keyword, Tensor methods as the first argument
+                target = args[0] if args else kwargs.get("tensor")
+                if isinstance(target, torch.Tensor) and target.is_meta:
+                    return target
+            return func(*args, **kwargs)
+
+    return SkipInitOnMeta
+
+
+def skip_init_on_meta():
+    """Context manager: in-place initialisers on meta tensors are skipped (use inside ``torch.device("meta")``)."""
+    return _skip_init_mode()()
+
+
+SKIP_DATA_CHECK_ENV = "DIFFBIAS_SKIP_DATA_CHECK"
+
+
+def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None:
+    """Check at DAG build that every data set some study uses is on disk with its source's layout.
+
+    For each such data set: the path exists and has the layout its ``source`` loader reads (headers only,
+    see :func:`diffbias.data.check_source`), and, where the files say how many images they hold, the
+    count equals a configured ``pool_size`` and the pool (capped by ``max_images``) holds every study's
+    largest N plus ``test_size``. A data set whose prepared pool ``<prepared_dir>/<key>.npz`` already
+    exists is skipped (no job reads its source). Raises ConfigError naming ``datasets.<key>.path``.
+    Needs the files: on a cluster, run Snakemake where the data are mounted (the login node); set
+    ``DIFFBIAS_SKIP_DATA_CHECK=1`` to build a DAG elsewhere (e.g. a dry run of a paper config on a laptop).
+    """
+    from .data import check_source
+
+    wanted: dict[str, int] = {}
+    for study in config["studies"].values():
+        for dataset in study_datasets(study):
+            wanted[dataset] = max(wanted.get(dataset, 0), *study["N"])
+    for key in sorted(wanted):
+        ds = config["datasets"][key]
+        if prepared_dir is not None and (Path(prepared_dir) / f"{key}.npz").exists():
+            continue
+        where = f"datasets.{key}.path"
+        shown = ds.get("path") or f"<default {ds['source']} location>"
+        try:
+            count = check_source(ds["source"], ds.get("path"), **dict(ds.get("loader_kwargs") or {}))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(where, f"data set {key!r} ({ds['source']}) at {shown}: {exc}") from None
+        if count is None:
+            continue
+        if ds.get("pool_size") and ds["pool_size"] != count:  # pool_size is the source's size, before max_images
+            raise ConfigError(f"datasets.{key}.pool_size", f"pool_size={ds['pool_size']} but {shown} holds {count} images")
+        usable = min(count, ds["max_images"]) if ds.get("max_images") else count
+        if wanted[key] + ds["test_size"] > usable:
+            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than N={wanted[key]} plus "
+                              f"test_size={ds['test_size']}")
 
 
 def pool_size(dataset: dict) -> int | None:

@@ -56,6 +56,8 @@ from PIL import Image
 __all__ = [
     "SOURCES",
     "DEFAULT_FASHION_MNIST_PATH",
+    "resolve_fashion_mnist_path",
+    "check_source",
     "IMAGE_EXTENSIONS",
     "load_pool",
     "prepare_dataset",
@@ -69,6 +71,10 @@ __all__ = [
 ]
 
 DEFAULT_FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
+# Where a user without root keeps Fashion-MNIST (scripts/setup.sh fills it): see resolve_fashion_mnist_path.
+FASHION_MNIST_ENV = "DIFFBIAS_FASHION_MNIST"
+FASHION_MNIST_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                   ".cache", "fashion-mnist")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 PREPARED_FORMAT_VERSION = 1
 
@@ -198,14 +204,48 @@ def _find_idx(directory: str, stem: str) -> str:
     raise FileNotFoundError(f"{stem}[.gz] not found in {directory}")
 
 
+def _has_idx(directory: str, stem: str = "train-images-idx3-ubyte") -> bool:
+    try:
+        _find_idx(directory, stem)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def resolve_fashion_mnist_path(path: str | None = None) -> str:
+    """Where Fashion-MNIST is read from. One rule, for users with and without root:
+
+    ``path`` None or the Debian default (``/usr/share/datasets/fashion-mnist``) means "Fashion-MNIST
+    wherever this machine has it": the Debian folder if it holds the IDX files, else
+    ``$DIFFBIAS_FASHION_MNIST`` if set, else ``<repo>/.cache/fashion-mnist`` (where ``scripts/setup.sh``
+    puts torchvision's download when it cannot install the Debian package). The files are the same
+    everywhere, so the result does not depend on which one is found. Any other path is used as given
+    (it may hold MNIST or another IDX data set). Raises FileNotFoundError saying what was tried.
+    """
+    if path is not None and os.path.normpath(path) != os.path.normpath(DEFAULT_FASHION_MNIST_PATH):
+        return path
+    candidates = [DEFAULT_FASHION_MNIST_PATH]
+    if os.environ.get(FASHION_MNIST_ENV):
+        candidates.append(os.environ[FASHION_MNIST_ENV])
+    candidates.append(FASHION_MNIST_CACHE)
+    for candidate in candidates:
+        if _has_idx(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found in {', '.join(candidates)} (looked for train-images-idx3-ubyte[.gz]): run "
+        f"scripts/setup.sh, or put the four *-ubyte.gz files in a folder and set {FASHION_MNIST_ENV}=<folder>")
+
+
 def load_fashion_mnist(path: str | None = None, *, splits: Sequence[str] = ("train", "t10k"), max_images: int | None = None):
     """Fashion-MNIST (or MNIST) from a directory of IDX files, e.g. Debian's ``dataset-fashion-mnist``.
 
     Reads ``{split}-images-idx3-ubyte[.gz]`` and ``{split}-labels-idx1-ubyte[.gz]`` for each split in
     ``splits`` and concatenates them in that order: the default pool is train (60k) then t10k (10k).
-    Returns uint8 ``(N, 28, 28, 1)`` and int64 labels.
+    Returns uint8 ``(N, 28, 28, 1)`` and int64 labels. The folder is found by
+    :func:`resolve_fashion_mnist_path` (the Debian default falls back to ``$DIFFBIAS_FASHION_MNIST`` and
+    ``.cache/fashion-mnist``).
     """
-    path = path or DEFAULT_FASHION_MNIST_PATH
+    path = resolve_fashion_mnist_path(path)
     xs, ys = [], []
     for split in splits:
         x = read_idx(_find_idx(path, f"{split}-images-idx3-ubyte"))
@@ -413,6 +453,123 @@ SOURCES: dict[str, Callable[..., tuple[Any, np.ndarray | None]]] = {
 
 
 # ----------------------------------------------------------------------------------------------------
+# layout check (cheap: headers and directory entries only, run when the workflow's DAG is built)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _idx_count(path: str) -> int:
+    """Number of items in an IDX file, from its 8-byte header (gzip: only the first block is inflated)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or head[3] < 1:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (header {head[:4]!r})")
+    return struct.unpack(">i", head[4:8])[0]
+
+
+def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an .npz from the .npy headers of its members (no data read)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            shapes = {}
+            for name in z.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with z.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, _ = read_header(f)
+                shapes[name[:-4]] = tuple(shape)
+            return shapes
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .npz ({exc})") from None
+
+
+def _first_image(root: str) -> str | None:
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                return os.path.join(dirpath, f)
+    return None
+
+
+def check_source(source: str, path: str | None, **loader_kwargs) -> int | None:
+    """Check that ``path`` has the layout the ``source`` loader expects, without reading the images.
+
+    Returns the number of images the source holds when its headers say so cheaply (IDX, npz, CIFAR-10),
+    else None (image folders: only the presence of one image is checked, counting 10^5-10^6 files on a
+    shared file system would make the DAG build slow). Raises FileNotFoundError or ValueError with a
+    message naming the path and what is missing. ``max_images`` is ignored (the count is the source's).
+    """
+    loader_kwargs.pop("max_images", None)
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; known: {sorted(SOURCES)}")
+    if source == "fashion_mnist":
+        root = resolve_fashion_mnist_path(path)
+        total = 0
+        for split in loader_kwargs.get("splits", ("train", "t10k")):
+            n_img = _idx_count(_find_idx(root, f"{split}-images-idx3-ubyte"))
+            n_lab = _idx_count(_find_idx(root, f"{split}-labels-idx1-ubyte"))
+            if n_img != n_lab:
+                raise ValueError(f"{root}/{split}: {n_img} images but {n_lab} labels")
+            total += n_img
+        return total
+    if path is None:
+        raise ValueError(f"source {source!r} needs a path (only fashion_mnist has a default)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if source == "cifar10":
+        if os.path.isfile(path):
+            if not tarfile.is_tarfile(path):
+                raise ValueError(f"{path} is neither a cifar-10-batches-py folder nor cifar-10-python.tar.gz")
+            return 60_000
+        root = path if os.path.exists(os.path.join(path, "data_batch_1")) else os.path.join(path, "cifar-10-batches-py")
+        missing = [b for b in _CIFAR_BATCHES if not os.path.isfile(os.path.join(root, b))]
+        if missing:
+            raise FileNotFoundError(f"{path}: missing {missing} (expected the cifar-10-batches-py layout)")
+        return 60_000
+    if source == "imagenet32":
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is not a folder of train_data_batch_*.npz / val_data.npz")
+        files = sorted(f for f in os.listdir(path) if re.fullmatch(r"train_data_batch_\d+\.npz", f))
+        if loader_kwargs.get("include_val", True) and os.path.exists(os.path.join(path, "val_data.npz")):
+            files.append("val_data.npz")
+        if not files:
+            raise FileNotFoundError(f"no train_data_batch_*.npz / val_data.npz in {path}")
+        total = 0
+        for f in files:
+            shapes = _npz_shapes(os.path.join(path, f))
+            if "data" not in shapes or "labels" not in shapes:
+                raise ValueError(f"{os.path.join(path, f)}: needs arrays 'data' and 'labels', has {sorted(shapes)}")
+            total += shapes["data"][0]
+        return total
+    if source == "npz":
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not an .npz file")
+        shapes = _npz_shapes(path)
+        key = next((k for k in _NPZ_IMAGE_KEYS if k in shapes), None)
+        if key is None:
+            raise ValueError(f"{path}: no image array under any of {_NPZ_IMAGE_KEYS} (arrays: {sorted(shapes)})")
+        if len(shapes[key]) not in (3, 4):
+            raise ValueError(f"{path}: image array must be 3-D or 4-D, got shape {shapes[key]}")
+        return shapes[key][0]
+    # image folders: celeba, lsun, image_folder
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a folder of images (source {source!r})")
+    if _first_image(path) is None:
+        hint = " (LSUN's lmdb must be exported to images first)" if source == "lsun" else ""
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {path}{hint}")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # pool building
 # ----------------------------------------------------------------------------------------------------
 
@@ -511,8 +668,8 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         raise ValueError(f"dataset spec lacks {missing}")
     source = spec["source"]
     path = spec.get("path")
-    if path is None and source == "fashion_mnist":
-        path = DEFAULT_FASHION_MNIST_PATH
+    if source == "fashion_mnist":
+        path = resolve_fashion_mnist_path(path)  # the folder actually read goes into the meta
     max_images = spec.get("max_images")
     loader_kwargs = dict(spec.get("loader_kwargs") or {})
     images, labels = load_pool(

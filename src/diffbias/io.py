@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
+import io as _io
 import json
 import os
 import platform
@@ -49,6 +51,57 @@ def save_torch(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class CorruptFileError(ValueError):
+    """A checksummed file that is truncated, altered or unreadable."""
+
+
+_CHECKSUM_TAG = b"\ndiffbias-sha256:"
+_CHECKSUM_LEN = len(_CHECKSUM_TAG) + 64 + 1  # tag, hex digest, newline
+
+
+def save_torch_checked(obj: Any, path: str | Path) -> None:
+    """``torch.save`` with a SHA-256 trailer over the payload, written atomically and fsync'ed.
+
+    For side files that are read back by the same code (training checkpoints): ``load_torch_checked``
+    refuses a truncated or altered file instead of handing back garbage.
+    """
+    import torch
+
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest().encode()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.write(_CHECKSUM_TAG + digest + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_torch_checked(path: str | Path, map_location=None) -> Any:
+    """Load a file written by ``save_torch_checked``; raise CorruptFileError if it fails its checksum."""
+    import torch
+
+    data = Path(path).read_bytes()
+    trailer = data[-_CHECKSUM_LEN:]
+    if len(data) <= _CHECKSUM_LEN or not trailer.startswith(_CHECKSUM_TAG) or not trailer.endswith(b"\n"):
+        # no trailer: truncated, or a plain torch.save file of an older version (loads only if complete)
+        try:
+            return torch.load(_io.BytesIO(data), map_location=map_location, weights_only=False)
+        except Exception as exc:
+            raise CorruptFileError(f"{path}: no checksum trailer and not loadable (truncated?): {exc}") from exc
+    payload = memoryview(data)[: len(data) - _CHECKSUM_LEN]
+    expected = trailer[len(_CHECKSUM_TAG):-1].decode("ascii", "replace")
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise CorruptFileError(f"{path}: SHA-256 mismatch (file {actual[:12]}..., recorded {expected[:12]}...)")
+    try:
+        return torch.load(_io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as exc:  # checksum fine but unreadable (e.g. written by an incompatible torch)
+        raise CorruptFileError(f"{path}: checksum matches but torch.load failed: {exc}") from exc
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> None:

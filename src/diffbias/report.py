@@ -64,6 +64,8 @@ def section_title(ctx: dict) -> None:
         "",
         "Scale: " + study.get("scale_note", ""),
         "",
+        *(["What this study can and cannot show: " + study["summary"], ""] if study.get("summary") else []),
+        *_findings(ctx),
         "Provenance (first run; every run's is in the parquet metadata):",
         f"  git commit {first.get('git_commit')}  dirty={first.get('git_dirty')}",
         f"  device {json.dumps(first.get('device'))}",
@@ -74,6 +76,20 @@ def section_title(ctx: dict) -> None:
     for v, spec in study.get("variant_specs", {}).items():
         lines.append(f"  {v}: {json.dumps(spec)}")
     _text_page(ctx["pdf"], "diffbias report", "\n".join(lines))
+
+
+def _findings(ctx: dict) -> list[str]:
+    """What this run's own numbers say about memorisation (seed 004 fig. 2), as found, per variant and N."""
+    psnr = ctx["psnr"]
+    runs = psnr.groupby(["variant", "N", "seed"], as_index=False).agg(
+        gap=("gap", "mean"), above=("psnr_train", "mean"), below=("psnr_test", "mean"))
+    per = runs.groupby(["variant", "N"], as_index=False)[["gap", "above", "below"]].mean()
+    lines = ["Measured here (mean PSNR gap over the respaced steps; train/test = mean PSNR of one-step denoising):"]
+    for v in ctx["study"]["variants"]:
+        parts = [f"N={int(r.N)}: gap {r.gap:.2f} dB (train {r.above:.1f} / test {r.below:.1f} dB)"
+                 for r in per[per["variant"] == v].sort_values("N").itertuples()]
+        lines.append(f"  {ctx['labels'].get(v, v)}: " + "; ".join(parts))
+    return lines + [""]
 
 
 def section_psnr_curves(ctx: dict) -> None:
@@ -155,33 +171,54 @@ def section_counts(ctx: dict) -> None:
     view = view.rename(columns={"gmacs": "GFLOPs (MACs, fvcore)", "reference_params": "published params",
                                 "reference_gflops": "published GFLOPs"})
     md = view.to_markdown(index=False, floatfmt=".4f")
+    # Published counts of the paper presets, each beside ours at its own input and under its own convention.
+    published = [f"- {r.label}: {r.published}" for r in counts.itertuples() if getattr(r, "published", "")]
+    if published:
+        md += ("\n\nPublished counts, ours at the published input (source [convention, input]: published (ours)); conventions: diffbias = the above "
+               "(the DiT paper's), fvcore-as-shipped = fvcore without handles (fused attention matmuls and the "
+               "signal function cost 0), torchinfo-mult-adds = conv params x positions + other params once:\n"
+               + "\n".join(published))
     _text_page(ctx["pdf"], "Parameters and FLOPs", "Multiply-accumulates per image as fvcore counts them, with handles "
                "for fused/local attention, masks, FFTs and the DICE signal function.\n\n" + md)
 
 
 def section_fid(ctx: dict) -> None:
-    """Seed 004 tables 1-3 layout: FID per variant and N (lower is better), with the sample counts used."""
+    """Seed 004 tables 1-3 layout: KID and FID per variant and N (lower is better), with the sample counts used.
+
+    KID leads: it is unbiased at any sample count and its spread over random subsets (smaller than the
+    sample set) is a real uncertainty; FID from a few hundred samples or fewer is biased upwards.
+    """
     fid = ctx.get("fid")
     if fid is None:
         return
     study = ctx["study"]
+    if "kid_subset_size" not in fid:  # tables written before KID subsets were recorded
+        fid = fid.assign(kid_subset_size=fid["num_samples"])
     per = fid.groupby(["variant", "N"], as_index=False).agg(
-        fid=("fid", "mean"), fid_std=("fid", "std"), kid=("kid_mean", "mean"), precision=("precision", "mean"),
-        recall=("recall", "mean"), samples=("num_samples", "first"), reference=("num_reference", "first"),
-        steps=("sampling_steps", "first"), seeds=("seed", "count"))
+        kid=("kid_mean", "mean"), kid_std=("kid_std", "mean"), fid=("fid", "mean"), fid_std=("fid", "std"),
+        precision=("precision", "mean"), recall=("recall", "mean"), samples=("num_samples", "first"),
+        subset=("kid_subset_size", "first"), reference=("num_reference", "first"), steps=("sampling_steps", "first"),
+        seeds=("seed", "count"))
     per["variant"] = pd.Categorical(per["variant"], study["variants"], ordered=True)
     per = per.sort_values(["N", "variant"])
     per.insert(0, "model", per["variant"].map(lambda v: ctx["labels"].get(v, v)))
-    cols = ["model", "N", "fid", "kid", "precision", "recall", "samples", "reference", "steps", "seeds"]
-    md = per[cols].to_markdown(index=False, floatfmt=".4f")
+    per["KID x1e3"] = [f"{k * 1e3:.2f} +- {s * 1e3:.2f}" for k, s in zip(per["kid"], per["kid_std"])]
+    per["FID"] = [f"{f:.1f}" + (f" +- {s:.1f}" if s == s else "") for f, s in zip(per["fid"], per["fid_std"])]
+    cols = ["model", "N", "KID x1e3", "FID", "precision", "recall", "samples", "subset", "reference", "steps", "seeds"]
+    md = per[cols].to_markdown(index=False, floatfmt=".3f")
     tables_dir = ctx["study_dir"] / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(tables_dir / "fid.md") as tmp:
         tmp.write_text(md)
-    note = ("FID/KID/precision/recall through torch-fidelity (Inception-v3, offline weights). Inception Score: "
-            "not available with the offline weights (no classifier logits), reported as missing.\n"
-            "Small sample counts bias FID upwards: compare rows with the same 'samples' only.\n\n")
-    _text_page(ctx["pdf"], "FID (seed 004 table 1 layout)", note + md)
+    small = int(per["samples"].min()) < 10_000
+    note = ("KID leads this table: it is an unbiased estimate at any sample count, and its +- is the standard deviation "
+            "over 100 random subsets of 'subset' samples and reference images (subsets smaller than the sets, so the "
+            "spread is real). FID +- is the spread over seeds (blank with one seed). "
+            + ("With so few samples FID is biased upwards and ranks little: compare rows with equal 'samples' only. "
+               if small else "")
+            + "All through torch-fidelity (Inception-v3, offline weights); Inception Score is not available with those "
+            "weights (no classifier logits) and is reported as missing.\n\n")
+    _text_page(ctx["pdf"], "KID and FID (seed 004 table 1 layout)", note + md)
 
 
 def section_freeu(ctx: dict) -> None:

@@ -4,7 +4,9 @@
   flips and label dropout all come from one generator whose state is checkpointed.
 - Resumable: a checkpoint (model, EMA, optimiser, generator, log so far) is written atomically every
   ``checkpoint_every`` steps to a side path that is not a declared Snakemake output; a restarted run
-  resumes from it and ends with the same result as an uninterrupted one.
+  resumes from it and ends with the same result as an uninterrupted one. The checkpoint carries a SHA-256
+  trailer and the previous one is kept (``checkpoint.prev.pt``): a truncated or corrupt checkpoint is
+  logged and skipped, and the run resumes from the previous one, or from step 0.
 - Time-budgeted: with ``max_runtime_minutes`` the run checkpoints and exits (code 75, EX_TEMPFAIL) before
   the budget, so a scheduler retry resumes it.
 - EMA snapshots at ``snapshot_steps`` (for FID over training) are kept beside the checkpoint and
@@ -30,7 +32,7 @@ import torch
 from . import data as data_lib
 from .config import spec_hash
 from .diffusion import create_diffusion
-from .io import provenance, save_torch, write_json, write_parquet
+from .io import CorruptFileError, load_torch_checked, provenance, save_torch, save_torch_checked, write_json, write_parquet
 from .metrics.memory import peak_memory_mb, reset_peak_memory
 from .models import build_model
 
@@ -70,6 +72,12 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list
     if special:
         groups.append({"params": special, "lr": min(lr, 1e-3), "weight_decay": 0.0})
     return groups
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one kernel for every parameter, on CPU as on CUDA): the per-parameter loop of
+    the default CPU implementation was ~9% of a DiT-T/2 step at batch 8 (one thread)."""
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay), lr=lr, fused=True)
 
 
 @torch.no_grad()
@@ -145,8 +153,7 @@ class Trainer:
                 raise ValueError("this variant composes attention from principal components: pass --pca-basis")
             self.model.load_pca_basis(torch.load(pca_basis, map_location=self.device, weights_only=False)["components"])
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg["lr"], self.cfg["weight_decay"]), lr=self.cfg["lr"], fused=fused)
+        self.opt = make_optimizer(self.model, self.cfg["lr"], self.cfg["weight_decay"])
         self.diffusion = create_diffusion(None)
         self.gen = torch.Generator(device=self.device).manual_seed(run["seed"] + 1)
         self.step = 0
@@ -166,22 +173,49 @@ class Trainer:
             "rows": self.rows,
         }
 
+    @property
+    def prev_checkpoint_path(self) -> Path:
+        """The checkpoint before the latest one (``checkpoint.prev.pt``): the fallback if the latest is damaged."""
+        return self.checkpoint_path.with_name(self.checkpoint_path.stem + ".prev" + self.checkpoint_path.suffix)
+
     def save_checkpoint(self) -> None:
-        save_torch(self.state(), self.checkpoint_path)
+        """Rotate latest -> prev (one atomic rename), then write the new latest atomically with a SHA-256
+        trailer. At every instant at least one complete checkpoint exists, so a kill anywhere loses at most
+        one interval."""
+        if self.checkpoint_path.exists():
+            os.replace(self.checkpoint_path, self.prev_checkpoint_path)
+        save_torch_checked(self.state(), self.checkpoint_path)
+
+    def _load_checkpoint(self) -> tuple[dict, Path] | None:
+        """The newest checkpoint that passes its checksum and belongs to this spec, else None."""
+        for path in (self.checkpoint_path, self.prev_checkpoint_path):
+            if not path.exists():
+                continue
+            try:
+                ckpt = load_torch_checked(path, map_location=self.device)
+            except (CorruptFileError, OSError) as exc:
+                log.warning("ignoring damaged checkpoint (%s); falling back to the previous one or to step 0", exc)
+                path.unlink(missing_ok=True)  # never rotate a damaged file over the good previous one
+                continue
+            if ckpt.get("spec_hash") != self.hash:
+                log.warning("ignoring checkpoint %s: it belongs to a different run spec", path)
+                continue
+            return ckpt, path
+        return None
 
     def try_resume(self) -> bool:
-        if not self.checkpoint_path.exists():
+        found = self._load_checkpoint()
+        if found is None:
             return False
-        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        if ckpt.get("spec_hash") != self.hash:
-            log.warning("ignoring checkpoint %s: it belongs to a different run spec", self.checkpoint_path)
-            return False
+        ckpt, path = found
+        if path != self.checkpoint_path:  # resume from the previous one: it becomes the latest again
+            os.replace(path, self.checkpoint_path)
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["opt"])
         self.gen.set_state(ckpt["gen"].to(self.gen.device) if hasattr(ckpt["gen"], "to") else ckpt["gen"])
         self.step, self.rows = ckpt["step"], list(ckpt["rows"])
-        log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        log.info("resumed from %s at step %d", path, self.step)
         return True
 
     # ------------------------------------------------------------------------------------------------
@@ -299,6 +333,7 @@ class Trainer:
         write_json({"spec": self.spec, "spec_hash": self.hash, "provenance": prov, **extra, **extra_run},
                    self.out_dir / "run.json")
         self.checkpoint_path.unlink(missing_ok=True)  # finished: a later rerun starts fresh
+        self.prev_checkpoint_path.unlink(missing_ok=True)
         shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 
 

@@ -1,12 +1,15 @@
 # Config loading, validation and the run grid. Everything else reads CFG, never `config` directly.
 import json
+import os
 
 from snakemake.exceptions import WorkflowError
 
 from diffbias.config import (
+    SKIP_DATA_CHECK_ENV,
     ConfigError,
     RunKey,
     all_runs,
+    check_datasets,
     pca_basis_path,
     run_spec,
     study_datasets,
@@ -22,8 +25,12 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+# Validation before any job: schema, meaning, every model built on the meta device at its data shape and,
+# unless DIFFBIAS_SKIP_DATA_CHECK=1, every data set a study uses checked on disk (README "Configuration").
 try:
     CFG = validate_config(config)
+    if os.environ.get(SKIP_DATA_CHECK_ENV, "") in ("", "0"):
+        check_datasets(CFG, prepared_dir=f"{CFG['results_dir']}/data")
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -121,6 +128,7 @@ def study_json(wc) -> str:
             "name": wc.study,
             "title": s.get("title", wc.study),
             "scale_note": s.get("scale_note", ""),
+            "summary": s.get("summary", ""),
             "variants": s["variants"],
             "baseline": s.get("baseline"),
             "N": s["N"],

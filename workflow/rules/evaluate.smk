@@ -13,6 +13,7 @@ rule psnr_gap:
         noise_seed=CFG["evaluation"]["psnr"]["noise_seed"],
         batch_size=CFG["evaluation"]["psnr"]["batch_size"],
         device=CFG["device"],
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -29,18 +30,55 @@ rule psnr_gap:
 
 
 FID_CFG = CFG["evaluation"]["fid"]
+FID_REFERENCE = f"{R}/fid_reference/{{dataset}}/N{{n}}/seed{{seed}}/inception.npz"
+
+
+# The reference set depends only on (dataset, N, seed): its Inception features are computed once here and
+# shared by every variant's FID and FID-curve jobs.
+rule fid_reference:
+    input:
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        FID_REFERENCE,
+    params:
+        fid=FID_CFG,
+        test_size=lambda wc: CFG["datasets"][wc.dataset]["test_size"],
+        device=CFG["device"],
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/fid_reference/{{dataset}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias fid-reference --data {input.data} --out {output} --n {wildcards.n} --seed {wildcards.seed} "
+        "--test-size {params.test_size} --reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+def fid_curve_inputs(wc):
+    inputs = {"model": f"{RUN_DIR}/model.pt".format(**wc), "snapshots": f"{RUN_DIR}/ema_snapshots".format(**wc),
+              "data": f"{R}/data/{wc.dataset}.npz", "reference": FID_REFERENCE.format(**wc)}
+    if MEASURED_RUNS["fid.parquet"](run_key(wc)):  # the final model's FID is already measured: reuse it
+        inputs["final_fid"] = f"{RUN_DIR}/fid.parquet".format(**wc)
+    return inputs
 
 
 rule fid:
     input:
         model=f"{RUN_DIR}/model.pt",
         data=f"{R}/data/{{dataset}}.npz",
+        reference=FID_REFERENCE,
     output:
         table=f"{RUN_DIR}/fid.parquet",
         samples=f"{RUN_DIR}/samples.npz",
     params:
         fid=FID_CFG,
         device=CFG["device"],
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -55,19 +93,19 @@ rule fid:
         "--samples-out {output.samples} --num-samples {params.fid[num_samples]} --steps {params.fid[steps]} "
         "--reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
         "--sample-seed {params.fid[sample_seed]} --batch-size {params.fid[batch_size]} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--reference-features {input.reference} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule fid_curve:
     input:
-        model=f"{RUN_DIR}/model.pt",
-        snapshots=f"{RUN_DIR}/ema_snapshots",
-        data=f"{R}/data/{{dataset}}.npz",
+        unpack(fid_curve_inputs),
     output:
         f"{RUN_DIR}/fid_curve.parquet",
     params:
         fid=FID_CFG,
         device=CFG["device"],
+        final_fid=lambda wc, input: f"--final-fid {input.final_fid}" if "final_fid" in input.keys() else "",
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
     resources:
         # one FID per snapshot plus the final model
@@ -83,7 +121,8 @@ rule fid_curve:
         "--out {output} --num-samples {params.fid[num_samples]} --steps {params.fid[steps]} "
         "--reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
         "--sample-seed {params.fid[sample_seed]} --batch-size {params.fid[batch_size]} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--reference-features {input.reference} {params.final_fid} --device {params.device} --threads {threads} "
+        "> {log} 2>&1"
 
 
 rule gmm_masks:
@@ -92,6 +131,7 @@ rule gmm_masks:
     output:
         table=f"{RUN_DIR}/gmm_masks.parquet",
         maps=f"{RUN_DIR}/gmm_masks.npz",
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: 1
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -120,6 +160,7 @@ rule jacobian:
         t=" ".join(map(str, JAC_CFG["t"])),
         cfg=JAC_CFG,
         device=CFG["device"],
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -132,7 +173,9 @@ rule jacobian:
     shell:
         "python -m diffbias jacobian --model {input.model} --data {input.data} --out {output.table} "
         "--vectors-out {output.vectors} --t {params.t} --num-images {params.cfg[num_images]} "
-        "--top-k {params.cfg[top_k]} --chunk-size {params.cfg[chunk_size]} --device {params.device} "
+        "--top-k {params.cfg[top_k]} --chunk-size {params.cfg[chunk_size]} --method {params.cfg[method]} "
+        "--block-size {params.cfg[block_size]} --max-products {params.cfg[max_products]} --tol {params.cfg[tol]} "
+        "--device {params.device} "
         "--threads {threads} > {log} 2>&1"
 
 
@@ -147,6 +190,7 @@ rule attention:
         t=" ".join(map(str, ATT_CFG["t"])),
         cfg=ATT_CFG,
         device=CFG["device"],
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -174,6 +218,7 @@ rule freeu_grid:
         b=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["b"])),
         s=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["s"])),
         device=CFG["device"],
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),

@@ -12,6 +12,7 @@ rule pca_basis:
     params:
         pca=lambda wc: pca_request(wc),
         device=CFG["device"],
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # with the run's other evaluations (evaluate.smk)
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -24,6 +25,40 @@ rule pca_basis:
     shell:
         "python -m diffbias pca-basis --model {input.model} --data {input.data} --out {output} "
         "--spec {params.pca:q} --device {params.device} --threads {threads} > {log} 2>&1"
+
+
+# SLURM job groups (slurm/config.yaml, group-components): small trainings, N <= SMALL_TRAIN_N with a time
+# budget (resources.train.runtime) of at most SMALL_TRAIN_MINUTES, are bundled into "train_small" group jobs.
+# Long ones stay single jobs: a group asks for the sum of its members' runtimes, and a failed group job (e.g.
+# one member's time-budget exit) reruns its finished members too. Runs on either side of a PCA basis are left
+# out: bundling a baseline with its PCA variant would make a group that leaves itself (train -> pca_basis ->
+# train). Local runs ignore groups.
+SMALL_TRAIN_N = 10
+SMALL_TRAIN_MINUTES = 240
+
+
+def train_group(wc):
+    check_cluster_cores()
+    pca_runs = {v for v, spec in CFG["variants"].items() if spec.get("pca_from")}
+    pca_runs |= {spec["pca_from"]["variant"] for spec in CFG["variants"].values() if spec.get("pca_from")}
+    small = int(wc.n) <= SMALL_TRAIN_N and resource("train", "runtime", 60) <= SMALL_TRAIN_MINUTES
+    return "train_small" if small and wc.variant not in pca_runs else None
+
+
+def check_cluster_cores():
+    """On a cluster, --cores is the CPU count of one SLURM job, group jobs included: Snakemake stacks a
+    group's jobs one after another only while together they would exceed it. With room for two GPU jobs
+    side by side it runs them so and requests the sum of their GPUs (which would all use the first one).
+    Called while the DAG is built (the executor is not known yet when the Snakefile is parsed)."""
+    if not workflow.non_local_exec or not (resource("evaluate", "gpu", 0) or resource("train", "gpu", 0)):
+        return
+    cores = workflow.global_resources["_cores"].value
+    if cores is None or cores >= 2 * CFG["threads_per_job"]:
+        raise WorkflowError(
+            f"--cores {cores} on a cluster: a group job (slurm/config.yaml group-components) would run GPU jobs "
+            f"side by side and request several GPUs. Pass --cores {CFG['threads_per_job']} (= threads_per_job: "
+            "one GPU job at a time in each SLURM job)."
+        )
 
 
 rule train:
@@ -39,6 +74,7 @@ rule train:
         checkpoint=lambda wc: CHECKPOINT.format(**wc),
         device=CFG["device"],
         pca_arg=lambda wc, input: f"--pca-basis {input.pca_basis}" if "pca_basis" in input.keys() else "",
+    group: train_group
     threads: CFG["threads_per_job"]
     resources:
         runtime=lambda wc, attempt: resource("train", "runtime", 60) * attempt,

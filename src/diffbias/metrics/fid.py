@@ -645,3 +645,87 @@ def save_image_folder(images_uint8: Any, folder: str | os.PathLike) -> None:
         else:
             pil = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)))  # mode RGB
         pil.save(folder / f"{i:0{width}d}.png")
+
+
+# --------------------------------------------------------------------------- features, then metrics
+# Two steps, so that the reference set's Inception features are computed once per (dataset, N, seed) as
+# their own DAG node and shared by every variant's FID job; the metrics are torch-fidelity's own functions.
+
+
+def inception_features(
+    images_uint8: Any,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    weights_path: str | os.PathLike | None = None,
+    cpu_threads: int | None = None,
+) -> torch.Tensor:
+    """(n, 2048) float32 pool features of uint8 (N,C,H,W) images, exactly as compute_image_metrics sees them."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    x = _as_uint8_nchw(images_uint8, "images_uint8")
+    weights = _resolve_weights(weights_path)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    ctx = torch.cuda.device(dev) if cuda and dev.index is not None else contextlib.nullcontext()
+    with ctx, limit_cpu_threads(cpu_threads):
+        extractor = create_feature_extractor(
+            FEATURE_EXTRACTOR, [FEATURE_LAYER], cuda=cuda, feature_extractor_weights_path=str(weights), verbose=False
+        )
+        feats = get_featuresdict_from_dataset(
+            _UInt8ImageDataset(x), extractor, batch_size=int(batch_size), cuda=cuda, save_cpu_ram=True, verbose=False
+        )
+    return feats[FEATURE_LAYER].float().cpu()
+
+
+def kid_subset_size_for(n: int, m: int) -> int:
+    """KID subsets half the smaller set (at most 1000, torch-fidelity's default): with subsets as large as
+    the sets, every subset is the whole set and the std over subsets is ~0, i.e. meaningless."""
+    return max(2, min(1000, min(n, m) // 2))
+
+
+def metrics_from_features(
+    sample_features: torch.Tensor,
+    reference_features: torch.Tensor,
+    *,
+    kid: bool = True,
+    prc: bool = True,
+    kid_subset_size: int | None = None,
+    kid_subsets: int = 100,
+    cpu_threads: int | None = None,
+) -> dict[str, Any]:
+    """FID, KID (mean and std over random subsets) and precision/recall from Inception features, through
+    torch-fidelity's metric functions (the same numbers as compute_image_metrics for the same subsets)."""
+    import torch_fidelity
+    from torch_fidelity.defaults import DEFAULTS
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    f1, f2 = sample_features.float().cpu(), reference_features.float().cpu()  # as torch-fidelity's own pipeline
+    n, m = len(f1), len(f2)
+    prc_k = 3
+    if prc and min(n, m) <= prc_k:
+        raise ValueError(f"precision/recall need more than {prc_k} images per set, got {n} and {m}")
+    if kid_subset_size is None:
+        kid_subset_size = kid_subset_size_for(n, m)
+    if kid and not (2 <= kid_subset_size <= min(n, m)):
+        raise ValueError(f"kid_subset_size must be in [2, {min(n, m)}], got {kid_subset_size}")
+    opts = {**DEFAULTS, "verbose": False, "kid_subset_size": int(kid_subset_size), "kid_subsets": int(kid_subsets),
+            "prc_neighborhood": prc_k, "save_cpu_ram": True}
+    with limit_cpu_threads(cpu_threads):
+        out: dict[str, Any] = {
+            "fid": float(fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2),
+                                                  False)[torch_fidelity.KEY_METRIC_FID]),
+            "kid_mean": None, "kid_std": None, "kid_subset_size": int(kid_subset_size) if kid else None,
+            "kid_subsets": int(kid_subsets) if kid else None,
+            "precision": None, "recall": None, "inception_score": None, "inception_score_std": None,
+            "num_samples": n, "num_reference": m,
+        }
+        if kid:
+            k = kid_features_to_metric(f1, f2, **opts)
+            out["kid_mean"], out["kid_std"] = float(k[torch_fidelity.KEY_METRIC_KID_MEAN]), float(k[torch_fidelity.KEY_METRIC_KID_STD])
+        if prc:
+            p = prc_features_to_metric(f1, f2, **opts)
+            out["precision"], out["recall"] = float(p[torch_fidelity.KEY_METRIC_PRECISION]), float(p[torch_fidelity.KEY_METRIC_RECALL])
+    return out

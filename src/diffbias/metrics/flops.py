@@ -14,6 +14,20 @@ softmax), which is also the DiT paper's convention. What fvcore cannot see gets 
 
 Backbone modules register handles for their own operators with :func:`register_flop_handle`
 (one place per fact: the module that defines an operator also says what it costs).
+
+Counting conventions (:data:`CONVENTIONS`). Published counts were made with different tools; to reproduce
+each printed number, a preset's published counts name their convention and are compared with our count
+under that convention (``model_summary(...)["published"]``, ``scripts/preset_counts.py``):
+
+- ``diffbias`` (default): the above, every handle on; the DiT paper's "Gflops" (anchors.md).
+- ``fvcore-as-shipped``: fvcore with none of the handles above, so fused attention (QK^T and AV inside
+  ``scaled_dot_product_attention``), local/GMM attention, FFTs and the DICE signal function cost 0, as
+  when fvcore meets them without a handle. Seed 002 table 2 "GFlops": DiT-XL/2 114.46 = 118.69 minus
+  the 28 x 2 x 256^2 x 1152 = 4.23 G attention matmuls; DICE-XL 47.49 without the signal function.
+- ``torchinfo-mult-adds``: torchinfo's "Total mult-adds" (torchinfo 1.8 ``LayerInfo.calculate_macs``,
+  summed over leaf modules): a convolution costs its weight + bias numel x output positions, any other
+  leaf module its weight + bias numel once per image (a Linear applied to 256 tokens counts once).
+  Seed 002 table 2 "Mult-Adds": DiT-XL/2 0.68 G (its parameters plus the patch conv x 256), DICE-XL 1.05 G.
 """
 
 from __future__ import annotations
@@ -35,6 +49,22 @@ EXTRA_HANDLES: dict[str, Callable[[list[Any], list[Any]], Any]] = {}
 
 def register_flop_handle(op_name: str, handle: Callable[[list[Any], list[Any]], Any]) -> None:
     EXTRA_HANDLES[op_name] = handle
+
+
+CONVENTIONS: dict[str, str] = {
+    "diffbias": "fvcore MACs with this project's handles (attention matmuls, local/GMM attention, FFTs, "
+                "DICE signal function priced); the DiT paper's convention",
+    "fvcore-as-shipped": "fvcore MACs without this project's handles: fused attention matmuls and custom "
+                         "element-wise operators cost 0 (seed 002 table 2 'GFlops')",
+    "torchinfo-mult-adds": "torchinfo 'Total mult-adds': conv params x output positions, other leaf layers' "
+                           "params once per image (seed 002 table 2 'Mult-Adds')",
+}
+DEFAULT_CONVENTION = "diffbias"
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown counting convention {convention!r}; known: {sorted(CONVENTIONS)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,8 +333,13 @@ def count_flops(
     num_classes: int = 0,
     batch_size: int = 1,
     shape_only: bool = True,
+    convention: str = DEFAULT_CONVENTION,
 ) -> tuple[int, "pandas.DataFrame"]:  # noqa: F821
     """Multiply-accumulates per image, as fvcore counts them, plus a per-operator breakdown.
+
+    ``convention`` (see :data:`CONVENTIONS`): ``diffbias`` (default) prices every operator in
+    :data:`EXTRA_HANDLES`; ``fvcore-as-shipped`` prices none of them (they are then skipped, silently);
+    ``torchinfo-mult-adds`` is not an fvcore count (use :func:`count_mult_adds`).
 
     The model is traced on ``batch_size`` random inputs (x, t[, y]) in eval mode under
     :func:`diffbias.models.attention.flop_counting`, with the handles in :data:`EXTRA_HANDLES`.
@@ -323,6 +358,10 @@ def count_flops(
 
     from diffbias.models.attention import flop_counting
 
+    _check_convention(convention)
+    if convention == "torchinfo-mult-adds":
+        raise ValueError("torchinfo-mult-adds is not an fvcore count: use count_mult_adds")
+    handles = dict(EXTRA_HANDLES) if convention == "diffbias" else {}
     if model.__class__.__module__.startswith("fvcore"):
         raise TypeError("count_flops takes the model, not an fvcore analysis")
     device = _model_device(model)
@@ -336,7 +375,7 @@ def count_flops(
 
     def new_analysis():
         analysis = _flop_count_analysis_class()(model, inputs)
-        analysis.set_op_handle(**EXTRA_HANDLES)
+        analysis.set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
@@ -389,7 +428,8 @@ def count_flops(
         own = value - child_sum[name]
         if own:
             by_type[types.get(name, "?")] += own
-    unrecognised = sorted(op for op in skipped if op not in ELEMENTWISE_OPS)
+    # Under fvcore-as-shipped the operators with project handles are skipped on purpose: no warning.
+    unrecognised = sorted(op for op in skipped if op not in ELEMENTWISE_OPS and op not in EXTRA_HANDLES)
     if unrecognised:
         warnings.warn(
             f"fvcore skipped operators that may not be element-wise (no FLOP handle): {unrecognised}; "
@@ -402,7 +442,83 @@ def count_flops(
     df.attrs["by_module_type"] = {k: _per_image(v, batch_size) for k, v in by_type.most_common()}
     df.attrs["batch_size"] = batch_size
     df.attrs["shape_only"] = shape_only_used
+    df.attrs["convention"] = convention
     return macs, df
+
+
+def count_mult_adds(
+    model: nn.Module, *, input_size: int, in_channels: int, num_classes: int = 0, batch_size: int = 1
+) -> int:
+    """torchinfo's "Total mult-adds" per image, without torchinfo (convention ``torchinfo-mult-adds``).
+
+    Re-implements torchinfo 1.8 (``LayerInfo.calculate_macs``, summed in ``ModelStatistics`` over leaf
+    modules, once per call): for each parameter of a leaf module named ``weight`` or ``bias``, a module
+    whose class name contains "Conv" adds numel x batch x output positions, any other module numel x
+    batch; other parameters whose name contains "weight"/"bias" add numel x out.shape[0] x out.shape[1];
+    parameters of non-leaf modules (a DiT's pos_embed, DICE's lambda) and other names add nothing. The
+    forward pass runs with the heavy kernels shape-only (see ``ShapeOnlyHeavyOps``) when possible.
+    """
+    device = _model_device(model)
+    if device.type == "meta":
+        raise ValueError("count_mult_adds needs real tensors: materialise the model first (materialize_on_cpu)")
+    x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    inputs: tuple[torch.Tensor, ...] = (x, t)
+    if num_classes > 0:
+        inputs = (x, t, torch.randint(0, num_classes, (batch_size,), device=device))
+    total = [0]
+
+    def hook(module, args, output):
+        out = output
+        while isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            return
+        shape = list(out.shape)
+        conv = "Conv" in type(module).__name__
+        for name, p in module.named_parameters(recurse=False):
+            if name in ("weight", "bias"):
+                total[0] += p.numel() * (math.prod(shape[:1] + shape[2:]) if conv else shape[0])
+            elif "weight" in name or "bias" in name:
+                total[0] += p.numel() * math.prod(shape[:2])
+
+    leaves = [m for m in model.modules() if not any(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with _shape_only_mode_class()():
+                    model(*inputs)
+            except Exception:  # noqa: BLE001 - shape-only mode unavailable or refused: run for real
+                total[0] = 0
+                model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return _per_image(total[0], batch_size)
+
+
+def count_macs(
+    model: nn.Module, *, convention: str = DEFAULT_CONVENTION, input_size: int, in_channels: int,
+    num_classes: int = 0, batch_size: int = 1,
+) -> int:
+    """Multiply-accumulates per image under ``convention`` (one of :data:`CONVENTIONS`)."""
+    _check_convention(convention)
+    kw = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, batch_size=batch_size)
+    if convention == "torchinfo-mult-adds":
+        return count_mult_adds(model, **kw)
+    return count_flops(model, convention=convention, **kw)[0]
+
+
+def macs_without_handles(by_operator: dict[str, int]) -> int:
+    """The ``fvcore-as-shipped`` total from a ``diffbias`` per-operator breakdown: every operator that a
+    project handle priced is dropped (exactly what a trace without the handles gives; tested)."""
+    priced = {name.rpartition("::")[2] for name in EXTRA_HANDLES}
+    return sum(v for op, v in by_operator.items() if op not in priced)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,8 +540,12 @@ def model_summary(
 
     For a preset, the input defaults to its reference input ``(C, H)`` and class count (else 0).
     Returns ``{name, backbone, params, macs, gflops, input, num_classes, by_operator, by_module_type,
-    skipped_ops, reference, params_rel_err, gflops_rel_err}`` (the last two only when the preset has
-    those reference counts; relative to the reference).
+    skipped_ops, reference, params_rel_err, gflops_rel_err, published}`` (the rel_err pair only when the
+    preset has those reference counts; relative to the reference, with ``gflops_rel_err`` under the
+    reference's convention). ``published`` lists every published count of the preset
+    (``Preset.references()``) that applies to this input, each beside our count under its convention:
+    ``{source, convention, params, ours_params, gflops, ours_gflops, mult_adds, ours_mult_adds,
+    reproducible, note, input, num_classes}`` (GFLOPs and mult-adds in G per image).
     """
     from diffbias.models import PRESETS
 
@@ -470,8 +590,93 @@ def model_summary(
         "skipped_ops": dict(df.attrs["skipped_ops"]),
         "reference": reference,
     }
+    out["published"] = published = []
+    if not isinstance(preset_or_model, nn.Module):
+        for ref in PRESETS[name].references():
+            if tuple(ref.get("input", (in_channels, input_size))) != (in_channels, input_size) or \
+                    int(ref.get("num_classes", num_classes)) != num_classes:
+                continue  # counted at another input: not comparable
+            row = {"source": ref.get("source"), "convention": ref["convention"], "params": ref.get("params"),
+                   "ours_params": params, "gflops": ref.get("gflops"), "ours_gflops": None,
+                   "mult_adds": ref.get("mult_adds"), "ours_mult_adds": None,
+                   "reproducible": bool(ref.get("reproducible", True)), "note": ref.get("note"),
+                   "input": (in_channels, input_size), "num_classes": num_classes}
+            if ref.get("gflops") is not None:
+                row["ours_gflops"] = gflops_under(out, ref["convention"], model=model, batch_size=batch_size)
+            if ref.get("mult_adds") is not None:
+                row["ours_mult_adds"] = count_mult_adds(model, input_size=input_size, in_channels=in_channels,
+                                                        num_classes=num_classes) / 1e9
+            published.append(row)
     if "params" in reference:
         out["params_rel_err"] = params / reference["params"] - 1
     if "gflops" in reference:
-        out["gflops_rel_err"] = out["gflops"] / reference["gflops"] - 1
+        convention = reference.get("convention", DEFAULT_CONVENTION)
+        ours = gflops_under(out, convention, model=model, batch_size=batch_size)
+        out["gflops_rel_err"] = ours / reference["gflops"] - 1
     return out
+
+
+def gflops_under(summary: dict[str, Any], convention: str, *, model: nn.Module | None = None,
+                 batch_size: int = 1) -> float:
+    """G multiply-accumulates per image of a :func:`model_summary` under ``convention``."""
+    _check_convention(convention)
+    if convention == "diffbias":
+        return summary["macs"] / 1e9
+    if convention == "fvcore-as-shipped":
+        return macs_without_handles(summary["by_operator"]) / 1e9
+    if model is None:
+        raise ValueError("torchinfo-mult-adds needs the model")
+    c, h = summary["input"]
+    return count_mult_adds(model, input_size=h, in_channels=c, num_classes=summary["num_classes"],
+                           batch_size=batch_size) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------
+# Published counts beside ours (per-study counts table, scripts/preset_counts.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def published_counts(preset: str, options: dict | None = None) -> list[dict[str, Any]]:
+    """Every published count of ``preset`` beside ours, each at the reference's input and under its own
+    convention (the ``published`` rows of :func:`model_summary`). Empty when the preset has none, or
+    when ``options`` change the model (then it is not the published model)."""
+    from diffbias.models import PRESETS
+
+    if preset not in PRESETS or not PRESETS[preset].references():
+        return []
+    def norm(value: Any) -> Any:  # options may have been through JSON (tuples become lists)
+        return [norm(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    if options and any(norm(PRESETS[preset].options.get(k, object())) != norm(v) for k, v in options.items()):
+        return []
+    return model_summary(preset)["published"]
+
+
+def format_params(value: float) -> str:
+    """178425240 -> "178,425,240" (an exact count), 505e6 -> "505M", 1.06e9 -> "1.06B" (a rounded one)."""
+    v = float(value)
+    if v % 1e4:
+        return f"{int(v):,}"
+    return f"{v / 1e9:g}B" if v >= 1e9 else f"{v / 1e6:g}M"
+
+
+def format_published(rows: list[dict[str, Any]]) -> str:
+    """One line per published count: ``source [convention]: published (ours) ...``; "" when none."""
+    out = []
+    for r in rows:
+        parts = []
+        if r.get("params") is not None:
+            parts.append(f"{format_params(r['params'])} params (ours {r['ours_params']:,})")
+        if r.get("gflops") is not None:
+            parts.append(f"{r['gflops']:g} GFLOPs (ours {r['ours_gflops']:.2f})")
+        if r.get("mult_adds") is not None:
+            parts.append(f"{r['mult_adds']:g} G mult-adds [torchinfo-mult-adds] (ours {r['ours_mult_adds']:.2f})")
+        where = ""
+        if r.get("input"):
+            c, h = r["input"]
+            where = f", {c}x{h}x{h}" + (f", {r['num_classes']} classes" if r.get("num_classes") else "")
+        line = f"{r['source']} [{r['convention']}{where}]: " + ", ".join(parts)
+        if not r.get("reproducible", True):
+            line += f" - not reproducible: {r.get('note') or 'no configuration gives it'}"
+        out.append(line)
+    return "; ".join(out)

@@ -19,15 +19,28 @@ A learned denoiser's Jacobian is close to, but not exactly, symmetric. We diagon
 part (J + J^T) / 2 with ``torch.linalg.eigh`` in float64 (real eigenvalues, orthonormal eigenvectors)
 and report the asymmetry ||J - J^T||_F / ||J||_F alongside, so that the approximation is visible.
 
-The Jacobian is assembled from D vector-Jacobian products, ``chunk_size`` at a time, which bounds the
-memory to about ``chunk_size`` copies of the model's activations: either with ``torch.func.jacrev``
-(vmap over VJPs, ``method="vmap"``) or, by default, by pushing ``chunk_size`` copies of x_t through the
-model as one batch (``method="batch"``, faster because fused attention has no vmap rule for its
-backward; see :func:`denoiser_jacobian`).
+Two ways to the top eigenvectors (``method`` of :func:`jacobian_analysis`):
+
+- ``"full"``: the Jacobian is assembled from D vector-Jacobian products, ``chunk_size`` at a time, which
+  bounds the memory to about ``chunk_size`` copies of the model's activations: either with
+  ``torch.func.jacrev`` (vmap over VJPs, ``rows="vmap"``) or, by default, by pushing ``chunk_size`` copies
+  of x_t through the model as one batch (``rows="batch"``, faster because fused attention has no vmap rule
+  for its backward; see :func:`denoiser_jacobian`); then ``eigh`` gives all D eigenpairs and the exact
+  asymmetry. D products: 3072 for a 32x32x3 image.
+- ``"lanczos"`` (matrix-free): block Lanczos with full reorthogonalisation on products
+  S V = (J V + J^T V) / 2 for a block of vectors V at once (:func:`symmetric_jacobian_operator`): J^T V
+  by one reverse pass over a batch of copies of x_t, J V by one forward-mode pass
+  (``torch.autograd.forward_ad``; the fused CPU/CUDA attention kernels have no forward-mode rule, so that
+  pass uses PyTorch's math attention). It stops when the top-k Ritz pairs have relative residuals
+  ||S y - theta y|| / |theta_1| below ``tol`` (or after ``max_products``) and returns only those k pairs; the
+  asymmetry is then a Hutchinson-style estimate ||(J - J^T) Q||_F / ||J Q||_F from the first block Q of
+  random orthonormal probes (no extra products).
+- ``"auto"`` (default): ``"full"`` up to D = 1024 (all D eigenvalues, exact asymmetry), ``"lanczos"`` above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -44,9 +57,14 @@ __all__ = [
     "noisy_input",
     "denoiser_jacobian",
     "eigendecompose",
+    "symmetric_jacobian_operator",
+    "block_lanczos",
     "jacobian_analysis",
     "plot_eigenvectors",
 ]
+
+METHODS = ("auto", "full", "lanczos")
+AUTO_FULL_MAX_D = 1024  # "auto" assembles the full Jacobian up to this dimension (16x16x3 = 768), else Lanczos
 
 
 def _abar(t: int) -> float:
@@ -144,6 +162,157 @@ def denoiser_jacobian(
     return J
 
 
+@contextlib.contextmanager
+def _forward_mode_attention():
+    """Attention kernels with a forward-mode AD rule: PyTorch's math SDPA backend (the fused CPU/CUDA kernels
+    have none) and, for local attention, the dense masked kernel instead of FlexAttention (which rejects
+    dual tensors). The values are the same; only the speed differs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ..models import attention as attention_lib
+
+    select = attention_lib.select_path
+
+    def no_flex(*args, **kwargs):
+        path = select(*args, **kwargs)
+        return ("dense", None, None) if path[0] == "flex" else path
+
+    attention_lib.select_path = no_flex
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        attention_lib.select_path = select
+
+
+def symmetric_jacobian_operator(model, x0: Tensor, t: int, *, noise_seed: int = 0, y: int | Tensor | None = None):
+    """Matrix-free products with the denoiser Jacobian J at x_t built from ``x0`` (as :func:`denoiser_jacobian`).
+
+    Returns ``products(V) -> (J V, J^T V)`` for a (D, b) block V (any float dtype; results float64 on the
+    CPU). One call pushes b copies of x_t through the model twice: a forward-mode pass (tangents V) gives
+    J V, a reverse pass (cotangents V) gives J^T V. Needs a model that treats batch elements independently
+    (every backbone of the contract in eval mode). Fused scaled-dot-product attention and FlexAttention
+    have no forward-mode rule in PyTorch, so the forward-mode pass runs the math attention backend and the
+    dense local-attention kernel (same values, see :func:`_forward_mode_attention`).
+    """
+    import torch.autograd.forward_ad as fwAD
+
+    if x0.ndim != 3:
+        raise ValueError(f"x0 must be one (C, H, W) image, got shape {tuple(x0.shape)}")
+    device, dtype = _model_device_dtype(model)
+    abar = _abar(t)
+    sq, sq1m = math.sqrt(abar), math.sqrt(1.0 - abar)
+    shape = tuple(x0.shape)
+    C = shape[0]
+    D = int(np.prod(shape))
+    x_t = noisy_input(x0, t, noise_seed).to(device=device, dtype=dtype).reshape(-1)
+    y_one = None if y is None else torch.as_tensor(y, dtype=torch.long, device=device).reshape(1)
+
+    def denoise(x: Tensor) -> Tensor:  # (n, D) -> (n, D)
+        n = x.shape[0]
+        t_batch = torch.full((n,), int(t), dtype=torch.long, device=device)
+        eps = model(x.view(n, *shape), t_batch, None if y_one is None else y_one.expand(n))[:, :C]
+        return (x - sq1m * eps.reshape(n, D)) / sq
+
+    def products(V: Tensor) -> tuple[Tensor, Tensor]:
+        if V.ndim != 2 or V.shape[0] != D:
+            raise ValueError(f"need a ({D}, b) block, got {tuple(V.shape)}")
+        Vt = V.T.to(device=device, dtype=dtype).contiguous()
+        n = Vt.shape[0]
+        with torch.no_grad(), _forward_mode_attention(), fwAD.dual_level():
+            out = denoise(fwAD.make_dual(x_t.expand(n, D).contiguous(), Vt))
+            jv = fwAD.unpack_dual(out).tangent
+        x = x_t.detach().expand(n, D).clone().requires_grad_(True)
+        with torch.enable_grad():
+            (jtv,) = torch.autograd.grad(denoise(x), x, grad_outputs=Vt)
+        return jv.T.double().cpu(), jtv.T.double().cpu()
+
+    products.dim = D
+    return products
+
+
+def block_lanczos(
+    matmul,
+    dim: int,
+    k: int,
+    *,
+    block_size: int = 8,
+    max_products: int = 512,
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """Top-k (algebraically largest) eigenpairs of a symmetric operator from block products only.
+
+    ``matmul(X)`` maps a (dim, b) float64 block to S X. Block Lanczos with full (twice-applied)
+    reorthogonalisation: the Krylov basis Q and S Q are kept, the Ritz pairs of Q^T S Q are computed after
+    every block, and the iteration stops when the top-k relative residuals ||S y - theta y|| / |theta_1|
+    are all below ``tol``, when ``max_products`` products are spent, or when the basis spans the space.
+    The residuals are exact (S Q is stored), so no extra products check convergence.
+
+    Returns eigenvalues (k,) descending, eigenvectors (dim, k) orthonormal, residuals (k,), products
+    (how many single-vector products were spent), converged (bool), and first_block / first_products, the
+    random orthonormal start block and S applied to it.
+    """
+    k = min(int(k), dim)
+    b = max(1, min(int(block_size), dim))
+    gen = torch.Generator().manual_seed(int(seed))
+    X, _ = torch.linalg.qr(torch.randn(dim, b, generator=gen, dtype=torch.float64))
+    Q = torch.empty(dim, 0, dtype=torch.float64)
+    SQ = torch.empty(dim, 0, dtype=torch.float64)
+    T = torch.empty(0, 0, dtype=torch.float64)  # Q^T S Q, grown by one block row and column per step
+    products, first = 0, None
+    while True:
+        SX = matmul(X).to(torch.float64)
+        products += X.shape[1]
+        if first is None:
+            first = (X.clone(), SX.clone())
+        Q, SQ = torch.cat([Q, X], 1), torch.cat([SQ, SX], 1)
+        col = Q.T @ SX
+        T = torch.cat([torch.cat([T, col[: T.shape[0]].T], 0), col], 1)
+        theta, C = torch.linalg.eigh(0.5 * (T + T.T))
+        theta, C = theta.flip(0)[:k], C.flip(1)[:, :k]
+        Y = Q @ C
+        scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
+        residuals = torch.linalg.vector_norm(SQ @ C - Y * theta, dim=0) / scale
+        full = Q.shape[1] >= dim
+        converged = bool(Q.shape[1] >= k and (residuals < tol).all()) or full
+        if converged or products + b > max_products:
+            break
+        W = SX - Q @ (Q.T @ SX)
+        W = W - Q @ (Q.T @ W)
+        X, R = torch.linalg.qr(W)
+        # deflate: a direction already in the basis (tiny diagonal of R) is replaced by a fresh random one
+        weak = R.diagonal().abs() < 1e-10 * max(1.0, float(SX.abs().max()))
+        if weak.any():
+            fresh = torch.randn(dim, int(weak.sum()), generator=gen, dtype=torch.float64)
+            fresh = fresh - Q @ (Q.T @ fresh)
+            X = torch.cat([X[:, ~weak], fresh], 1)
+            X = X - Q @ (Q.T @ X)
+            X, _ = torch.linalg.qr(X)
+        X = X[:, : max(0, dim - Q.shape[1])]
+        if X.shape[1] == 0:
+            break
+    return {"eigenvalues": theta, "eigenvectors": Y, "residuals": residuals, "products": products,
+            "converged": converged, "first_block": first[0], "first_products": first[1]}
+
+
+def lanczos_eigenpairs(model, x0: Tensor, t: int, *, k: int, noise_seed: int = 0, y=None, block_size: int = 8,
+                       max_products: int = 512, tol: float = 1e-3, seed: int = 0) -> dict:
+    """Top-k eigenpairs of (J + J^T)/2 of the denoiser at x_t (matrix-free), and the estimated asymmetry."""
+    op = symmetric_jacobian_operator(model, x0, t, noise_seed=noise_seed, y=y)
+    probes = {}
+
+    def sym(X: Tensor) -> Tensor:
+        jv, jtv = op(X)
+        if not probes:  # the random start block: a Hutchinson-style estimate of ||J - J^T|| / ||J||
+            probes["asym"] = float(torch.linalg.matrix_norm(jv - jtv) / torch.linalg.matrix_norm(jv).clamp_min(1e-300))
+        return 0.5 * (jv + jtv)
+
+    out = block_lanczos(sym, op.dim, k, block_size=block_size, max_products=max_products, tol=tol, seed=seed)
+    out["asymmetry"] = probes["asym"]
+    return out
+
+
 def eigendecompose(J: Tensor) -> dict[str, Tensor | float]:
     """Eigen-decomposition of the symmetric part of a square Jacobian, in float64.
 
@@ -170,40 +339,65 @@ def jacobian_analysis(
     chunk_size: int | None = 256,
     top_k: int = 16,
     labels: Tensor | None = None,
-    method: str = "batch",
+    method: str = "auto",
+    rows: str = "batch",
+    block_size: int = 8,
+    max_products: int = 512,
+    tol: float = 1e-3,
 ) -> tuple[pd.DataFrame, Tensor]:
     """Eigen-analysis of the denoiser Jacobian for every image and original timestep.
 
     images: (N, C, H, W) in [-1, 1]; t_values: original timesteps in [0, 1000); labels: (N,) or None.
     Image i is noised with seed ``noise_seed + i`` (the same noise at every t, scaled by the schedule).
+    method: "full", "lanczos" or "auto" (see the module docstring; "batch"/"vmap" mean "full" with those
+    rows). rows: how "full" computes its rows. block_size, max_products, tol: the Lanczos settings.
 
     Returns
     - a tidy DataFrame with one row per (image, t, rank) and columns image, t, rank (0 = largest),
-      eigenvalue, asymmetry (the asymmetry of that (image, t) Jacobian, repeated on its rows), all D
-      eigenvalues of the symmetrised Jacobian;
+      eigenvalue, asymmetry (of that (image, t) Jacobian, repeated on its rows; estimated by "lanczos"),
+      method, products (Jacobian products spent: D for "full", vector products for "lanczos"), residual
+      (relative residual of the eigenpair, 0 for "full"): all D eigenvalues for "full", the top k for
+      "lanczos";
     - the top-k eigenvectors as a float32 CPU tensor (N, len(t_values), k, C, H, W), ordered like the
       eigenvalues (eigenvector signs are arbitrary).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    if method in ("batch", "vmap"):
+        method, rows = "full", method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     N, C, H, W = images.shape
     D = C * H * W
     k = min(int(top_k), D)
+    if method == "auto":
+        method = "full" if D <= AUTO_FULL_MAX_D else "lanczos"
     vecs = torch.zeros(N, len(t_values), k, C, H, W)
     frames = []
     for i in range(N):
         y = None if labels is None else labels[i]
         for j, t in enumerate(t_values):
-            J = denoiser_jacobian(model, images[i], int(t), noise_seed=noise_seed + i, chunk_size=chunk_size, y=y,
-                                  method=method)
-            eig = eigendecompose(J)
-            vals = eig["eigenvalues"].cpu().numpy()
+            if method == "full":
+                J = denoiser_jacobian(model, images[i], int(t), noise_seed=noise_seed + i, chunk_size=chunk_size, y=y,
+                                      method=rows)
+                eig = eigendecompose(J)
+                vals, vectors, products = eig["eigenvalues"].cpu().numpy(), eig["eigenvectors"][:, :k], D
+                residual = np.zeros(D)
+            else:
+                eig = lanczos_eigenpairs(model, images[i], int(t), k=k, noise_seed=noise_seed + i, y=y,
+                                         block_size=block_size, max_products=max_products, tol=tol, seed=noise_seed + i)
+                vals, vectors, products = eig["eigenvalues"].numpy(), eig["eigenvectors"], eig["products"]
+                residual = eig["residuals"].numpy()
+                if not eig["converged"]:
+                    warnings.warn(f"Lanczos stopped after {products} products with residuals up to "
+                                  f"{residual.max():.2g} > tol={tol} (image {i}, t={t}); raise max_products")
             frames.append(pd.DataFrame({
-                "image": i, "t": int(t), "rank": np.arange(D), "eigenvalue": vals, "asymmetry": eig["asymmetry"],
+                "image": i, "t": int(t), "rank": np.arange(len(vals)), "eigenvalue": vals,
+                "asymmetry": eig["asymmetry"], "method": method, "products": int(products), "residual": residual,
             }))
-            vecs[i, j] = eig["eigenvectors"][:, :k].T.reshape(k, C, H, W).float().cpu()
+            vecs[i, j] = vectors.T.reshape(k, C, H, W).float().cpu()
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["image", "t", "rank", "eigenvalue", "asymmetry"])
+        columns=["image", "t", "rank", "eigenvalue", "asymmetry", "method", "products", "residual"])
     return df, vecs
 
 

@@ -283,12 +283,17 @@ _ANCHORS = {
     "DiT-XL/4": (29.05, 675e6),
     "DiT-XL/2": (118.64, 674_834_720),
 }
+# Seed 002 table 2 counts DiT-XL/2 in its own conventions (diffbias.metrics.flops.CONVENTIONS): fvcore
+# without the fused attention matmuls (114.46 = 118.69 - 4.23) and torchinfo's mult-adds (0.68).
+_PUBLISHED = {"DiT-XL/2": ({"source": "seed 002 table 2", "convention": "fvcore-as-shipped", "params": 674_834_720,
+                            "gflops": 114.46, "mult_adds": 0.68},)}
 for _name, (_gflops, _params) in _ANCHORS.items():
     _size, _patch = _name[4:].split("/")
     _d, _depth, _heads = _OFFICIAL[_size]
     register_preset(
         _name, "dit", hidden_size=_d, depth=_depth, num_heads=_heads, patch_size=int(_patch),
         reference={"gflops": _gflops, "params": _params, "input": (4, 32), "num_classes": 1000, "source": "DiT paper table 4"},
+        published=_PUBLISHED.get(_name, ()),
     )
 
 # Seed 004 table 4 (pixel space, 32x32x3, patch 1). Attention variants are config entries, not presets.

@@ -30,8 +30,24 @@ class Preset:
     backbone: str
     options: dict[str, Any] = field(default_factory=dict)
     # Published counts to check against (seed/anchor), e.g. {"gflops": 0.36, "params": 33e6, "input": (4, 32)}.
+    # Optional keys: "source", "convention" (how "gflops" was counted, a key of
+    # diffbias.metrics.flops.CONVENTIONS; "diffbias" when absent), "mult_adds" (G, torchinfo convention),
+    # "reproducible" (False: no configuration of the model gives it; shown, not tested), "note".
     reference: dict[str, Any] = field(default_factory=dict)
     tiny: bool = False  # a CPU preset, exercised by the contract test
+    # Further published counts of the same model from other sources (same keys as ``reference``; "input"
+    # and "num_classes" default to the reference's), e.g. seed 002's count of DiT-XL/2 in its own convention.
+    published: tuple[dict[str, Any], ...] = ()
+
+    def references(self) -> list[dict[str, Any]]:
+        """Every published count of this preset, the primary ``reference`` first, each with its
+        "convention" filled in ("diffbias" when not stated)."""
+        out = []
+        counts = ("params", "gflops", "mult_adds")
+        for ref in [r for r in [self.reference, *self.published] if any(r.get(k) is not None for k in counts)]:
+            base = {k: self.reference[k] for k in ("input", "num_classes") if k in self.reference}
+            out.append({"convention": "diffbias", **base, **ref})
+        return out
 
 
 def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -45,10 +61,11 @@ def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
     return wrap
 
 
-def register_preset(name: str, backbone: str, *, tiny: bool = False, reference: dict | None = None, **options) -> Preset:
+def register_preset(name: str, backbone: str, *, tiny: bool = False, reference: dict | None = None,
+                    published: tuple[dict, ...] | list[dict] = (), **options) -> Preset:
     if name in PRESETS:
         raise ValueError(f"preset {name!r} registered twice")
-    preset = Preset(name, backbone, dict(options), dict(reference or {}), tiny)
+    preset = Preset(name, backbone, dict(options), dict(reference or {}), tiny, tuple(dict(r) for r in published))
     PRESETS[name] = preset
     return preset
 

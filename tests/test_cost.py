@@ -1,0 +1,72 @@
+"""``python -m diffbias cost``: GPU-hours of a config from FLOP counts and a throughput (issue 14, goal 6)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from diffbias import cost
+from diffbias.cli import main
+from diffbias.config import all_runs, load_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro():
+    return validate_config(yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text()))
+
+
+def test_training_and_evaluation_flops_follow_the_config():
+    cfg = micro()
+    runs = cost.run_costs(cfg)
+    assert len(runs) == len(all_runs(cfg)) == 4
+    row = runs[(runs.variant == "dit") & (runs.N == 50)].iloc[0]
+    f = 2 * row.gmacs / 1e3  # TFLOPs of one forward pass
+    tr = cfg["training"]
+    assert row.train == pytest.approx(3 * tr["steps"] * tr["batch_size"] * f)
+    assert row.psnr == pytest.approx(2 * 8 * 5 * f)  # 2 splits x K=8 x 5 respaced steps
+    assert row.fid == pytest.approx(8 * 5 * f)  # N=50 is in fid.N: 8 samples x 5 steps
+    assert row.fid_curve == pytest.approx(2 * 8 * 5 * f)  # one snapshot + the final model
+    small = runs[(runs.variant == "dit") & (runs.N == 10)].iloc[0]
+    assert small.fid == 0 and small.fid_curve == 0
+    # the local variant counts fewer attention MACs than the global one at the same shape
+    assert runs[runs.variant == "dit_local"].gmacs.iloc[0] < row.gmacs
+
+
+def test_gpu_hours_at_a_given_throughput_and_from_a_benchmark(tmp_path):
+    cfg = micro()
+    runs, summary, note = cost.gpu_hours(cfg, tflops=1e-3)
+    total = summary.iloc[-1]
+    assert total["study"].startswith("total") and total["runs"] == 4
+    flops = cost.run_costs(cfg)
+    assert total["train_gpu_h"] == pytest.approx(flops["train"].sum() / 1e-3 / 3600)
+    assert total["total_gpu_h"] == pytest.approx(total["train_gpu_h"] + total["eval_gpu_h"])
+    assert "1e-03" in note or "0.001" in note
+    # twice the throughput, half the hours
+    _, fast, _ = cost.gpu_hours(cfg, tflops=2e-3)
+    assert fast.iloc[-1]["total_gpu_h"] == pytest.approx(total["total_gpu_h"] / 2)
+    bench = tmp_path / "training.parquet"
+    pd.DataFrame({"preset": ["DiT-T/2", "UNet-004"], "achieved_tflops": [1e-3, 5e-3]}).to_parquet(bench)
+    _, from_bench, note = cost.gpu_hours(cfg, benchmark=str(bench))
+    assert from_bench.iloc[-1]["total_gpu_h"] == pytest.approx(total["total_gpu_h"])  # DiT-T/2's own rate
+    assert "DiT-T/2" in note
+
+
+def test_cost_command_on_the_default_config(capsys, tmp_path):
+    main(["cost", "--configfile", str(ROOT / "config.yaml"), "--out", str(tmp_path / "cost.parquet")])
+    out = capsys.readouterr().out
+    assert "12 distinct runs" in out and "| locality" in out and "124.8 TFLOP/s" in out
+    assert len(pd.read_parquet(tmp_path / "cost.parquet")) == 12
+
+
+@pytest.mark.slow
+def test_cost_of_paper_004(capsys):
+    main(["cost", "--configfile", str(ROOT / "workflow/configs/paper-004.yaml")])
+    out = capsys.readouterr().out
+    assert "381 distinct runs" in out
+    cfg = load_config(ROOT / "workflow/configs/paper-004.yaml")
+    _, summary, _ = cost.gpu_hours(cfg)
+    total = summary.iloc[-1]
+    # 400k steps x batch 64 of DiT-XS/1 (15.7 GMACs) and DiT-S/1 (31.5 GMACs): thousands of GPU-hours
+    assert 1000 < total["train_gpu_h"] < 5000 and total["eval_gpu_h"] < total["train_gpu_h"]
