@@ -476,3 +476,40 @@ def test_test_profile_only_overrides():
         if key not in ALLOWED_TEST_OVERRIDES:
             assert merged[key] == value, key
     assert int(merged["slurm-init-seconds-before-status-checks"]) == 2
+
+
+def test_group_jobs_request_one_gpu_whatever_cores(tmp_path):
+    """`snakemake --cores all --profile slurm`: each group job of a GPU config asks for one GPU (its GPU
+    members run one after another) and the sum of their runtimes. Computed by Snakemake's own group layout
+    in cluster mode (a dry run lays groups out as local jobs, so the layout is forced to the cluster's)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    cfg = yaml.safe_load((REPO / MICRO_CONFIG).read_text())
+    cfg["resources"] = {"train": {"runtime": 10, "mem_mb": 1000, "gpu": 1},
+                        "evaluate": {"runtime": 10, "mem_mb": 1000, "gpu": 1}}
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(cfg))
+    probe = textwrap.dedent("""
+        import sys
+        import snakemake.jobs as J
+        import snakemake.resources as R
+        basic = R.GroupResources.basic_layered.__func__
+        R.GroupResources.basic_layered = classmethod(lambda cls, *a, **k: basic(cls, *a, **{**k, "run_local": False}))
+        log_info = J.GroupJob.log_info
+        def report(self, *a, **k):
+            r = dict(self.resources)
+            print("GROUP", self.groupid, r.get("gpu"), r.get("runtime"), len(self.jobs), flush=True)
+            return log_info(self, *a, **k)
+        J.GroupJob.log_info = report
+        from snakemake.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    (tmp_path / "probe.py").write_text(probe)
+    r = subprocess.run([sys.executable, "probe.py", "-n", "-s", str(REPO / "Snakefile"), "--cores", "64",
+                        "--profile", str(PROJECT_PROFILE), "--configfile", "gpu.yaml"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    groups = {line.split()[1]: tuple(map(int, line.split()[2:])) for line in r.stdout.splitlines()
+              if line.startswith("GROUP ")}
+    assert groups and any(name.startswith("eval_") for name in groups) and "train_small" in groups, r.stdout[-2000:]
+    for name, (gpu, runtime, members) in groups.items():
+        assert gpu == 1, (name, gpu)
+        assert runtime >= 10 * members, (name, runtime, members)  # members run one after another: runtimes add

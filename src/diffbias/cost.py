@@ -181,10 +181,14 @@ def gpu_hours(config: dict, *, tflops: float | None = None, benchmark: str | Non
 def format_summary(summary: pd.DataFrame, note: str, config_name: str = "") -> str:
     cols = ["study", "runs", "train_gpu_h", "eval_gpu_h", "total_gpu_h"]
     detail = [c for c in summary.columns if c not in cols]
-    table = summary[cols + detail].to_markdown(index=False, floatfmt=".3g")
+    table = summary[cols + detail].to_markdown(index=False, floatfmt=".4g")
     total = summary.iloc[-1]
-    head = (f"{config_name}: {int(total['runs'])} distinct runs, {total['train_gpu_h']:.3g} GPU-h training + "
-            f"{total['eval_gpu_h']:.3g} GPU-h evaluation = {total['total_gpu_h']:.3g} GPU-h at {note}")
+
+    def h(x: float) -> str:
+        return f"{x:,.0f}" if x >= 10 else f"{x:.3g}"
+
+    head = (f"{config_name}: {int(total['runs'])} distinct runs, {h(total['train_gpu_h'])} GPU-h training + "
+            f"{h(total['eval_gpu_h'])} GPU-h evaluation = {h(total['total_gpu_h'])} GPU-h at {note}")
     tail = ("Arithmetic only (FLOPs / throughput): start-up, data loading, checkpoints and queueing are not "
             "included. A run shared by several studies is counted in each study row and once in the total.")
     return f"{head}\n\n{table}\n\n{tail}"

@@ -38,27 +38,10 @@ SMALL_TRAIN_MINUTES = 240
 
 
 def train_group(wc):
-    check_cluster_cores()
     pca_runs = {v for v, spec in CFG["variants"].items() if spec.get("pca_from")}
     pca_runs |= {spec["pca_from"]["variant"] for spec in CFG["variants"].values() if spec.get("pca_from")}
     small = int(wc.n) <= SMALL_TRAIN_N and resource("train", "runtime", 60) <= SMALL_TRAIN_MINUTES
     return "train_small" if small and wc.variant not in pca_runs else None
-
-
-def check_cluster_cores():
-    """On a cluster, --cores is the CPU count of one SLURM job, group jobs included: Snakemake stacks a
-    group's jobs one after another only while together they would exceed it. With room for two GPU jobs
-    side by side it runs them so and requests the sum of their GPUs (which would all use the first one).
-    Called while the DAG is built (the executor is not known yet when the Snakefile is parsed)."""
-    if not workflow.non_local_exec or not (resource("evaluate", "gpu", 0) or resource("train", "gpu", 0)):
-        return
-    cores = workflow.global_resources["_cores"].value
-    if cores is None or cores >= 2 * CFG["threads_per_job"]:
-        raise WorkflowError(
-            f"--cores {cores} on a cluster: a group job (slurm/config.yaml group-components) would run GPU jobs "
-            f"side by side and request several GPUs. Pass --cores {CFG['threads_per_job']} (= threads_per_job: "
-            "one GPU job at a time in each SLURM job)."
-        )
 
 
 rule train:
