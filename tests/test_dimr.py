@@ -20,14 +20,6 @@ from diffbias.train import diffusion_loss
 H, C = 16, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny(num_classes=0, learn_sigma=True, seed=0):
     torch.manual_seed(seed)
     return build_model(preset="DiMR-T/2R", input_size=H, in_channels=C, num_classes=num_classes, learn_sigma=learn_sigma)

@@ -161,3 +161,33 @@ def train_inputs(wc):
     if pca:  # seed 004 app. C: a PCA variant trains after its baseline, from that baseline's attention maps
         inputs["pca_basis"] = pca_basis_path(R, run_key(wc), pca)
     return inputs
+
+
+# The FID reference set depends only on (dataset, N, seed): its Inception features are computed once and
+# shared by every variant's FID and FID-curve jobs (evaluate.smk, rule fid_reference).
+FID_REFERENCE = f"{R}/fid_reference/{{dataset}}/N{{n}}/seed{{seed}}/inception.npz"
+
+
+def fid_curve_inputs(wc):
+    inputs = {"model": f"{RUN_DIR}/model.pt".format(**wc), "snapshots": f"{RUN_DIR}/ema_snapshots".format(**wc),
+              "data": f"{R}/data/{wc.dataset}.npz", "reference": FID_REFERENCE.format(**wc)}
+    if MEASURED_RUNS["fid.parquet"](run_key(wc)):  # the final model's FID is already measured: reuse it
+        inputs["final_fid"] = f"{RUN_DIR}/fid.parquet".format(**wc)
+    return inputs
+
+
+# SLURM job groups (slurm/config.yaml, group-components): small trainings, N <= SMALL_TRAIN_N with a time
+# budget (resources.train.runtime) of at most SMALL_TRAIN_MINUTES, are bundled into "train_small" group jobs.
+# Long ones stay single jobs: a group asks for the sum of its members' runtimes, and a failed group job (e.g.
+# one member's time-budget exit) reruns its finished members too. Runs on either side of a PCA basis are left
+# out: bundling a baseline with its PCA variant would make a group that leaves itself (train -> pca_basis ->
+# train). Local runs ignore groups.
+SMALL_TRAIN_N = 10
+SMALL_TRAIN_MINUTES = 240
+
+
+def train_group(wc):
+    pca_runs = {v for v, spec in CFG["variants"].items() if spec.get("pca_from")}
+    pca_runs |= {spec["pca_from"]["variant"] for spec in CFG["variants"].values() if spec.get("pca_from")}
+    small = int(wc.n) <= SMALL_TRAIN_N and resource("train", "runtime", 60) <= SMALL_TRAIN_MINUTES
+    return "train_small" if small and wc.variant not in pca_runs else None

@@ -30,7 +30,6 @@ rule psnr_gap:
 
 
 FID_CFG = CFG["evaluation"]["fid"]
-FID_REFERENCE = f"{R}/fid_reference/{{dataset}}/N{{n}}/seed{{seed}}/inception.npz"
 
 
 # The reference set depends only on (dataset, N, seed): its Inception features are computed once here and
@@ -57,14 +56,6 @@ rule fid_reference:
         "python -m diffbias fid-reference --data {input.data} --out {output} --n {wildcards.n} --seed {wildcards.seed} "
         "--test-size {params.test_size} --reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-def fid_curve_inputs(wc):
-    inputs = {"model": f"{RUN_DIR}/model.pt".format(**wc), "snapshots": f"{RUN_DIR}/ema_snapshots".format(**wc),
-              "data": f"{R}/data/{wc.dataset}.npz", "reference": FID_REFERENCE.format(**wc)}
-    if MEASURED_RUNS["fid.parquet"](run_key(wc)):  # the final model's FID is already measured: reuse it
-        inputs["final_fid"] = f"{RUN_DIR}/fid.parquet".format(**wc)
-    return inputs
 
 
 rule fid:

@@ -27,23 +27,6 @@ rule pca_basis:
         "--spec {params.pca:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
-# SLURM job groups (slurm/config.yaml, group-components): small trainings, N <= SMALL_TRAIN_N with a time
-# budget (resources.train.runtime) of at most SMALL_TRAIN_MINUTES, are bundled into "train_small" group jobs.
-# Long ones stay single jobs: a group asks for the sum of its members' runtimes, and a failed group job (e.g.
-# one member's time-budget exit) reruns its finished members too. Runs on either side of a PCA basis are left
-# out: bundling a baseline with its PCA variant would make a group that leaves itself (train -> pca_basis ->
-# train). Local runs ignore groups.
-SMALL_TRAIN_N = 10
-SMALL_TRAIN_MINUTES = 240
-
-
-def train_group(wc):
-    pca_runs = {v for v, spec in CFG["variants"].items() if spec.get("pca_from")}
-    pca_runs |= {spec["pca_from"]["variant"] for spec in CFG["variants"].values() if spec.get("pca_from")}
-    small = int(wc.n) <= SMALL_TRAIN_N and resource("train", "runtime", 60) <= SMALL_TRAIN_MINUTES
-    return "train_small" if small and wc.variant not in pca_runs else None
-
-
 rule train:
     input:
         unpack(train_inputs),

@@ -93,6 +93,18 @@ def noisy_input(x0: Tensor, t: int, noise_seed: int = 0) -> Tensor:
     return math.sqrt(abar) * x0.detach().float().cpu() + math.sqrt(1.0 - abar) * noise
 
 
+
+def _denoiser_point(model, x0: Tensor, t: int, noise_seed: int, y):
+    """Where a Jacobian of the denoiser is taken: device, dtype, sqrt(abar_t), sqrt(1 - abar_t), the image
+    shape, the flattened noisy input x_t and the (1,) label tensor or None."""
+    if x0.ndim != 3:
+        raise ValueError(f"x0 must be one (C, H, W) image, got shape {tuple(x0.shape)}")
+    device, dtype = _model_device_dtype(model)
+    abar = _abar(t)
+    x_t = noisy_input(x0, t, noise_seed).to(device=device, dtype=dtype).reshape(-1)
+    y_one = None if y is None else torch.as_tensor(y, dtype=torch.long, device=device).reshape(1)
+    return device, dtype, math.sqrt(abar), math.sqrt(1.0 - abar), tuple(x0.shape), x_t, y_one
+
 def denoiser_jacobian(
     model,
     x0: Tensor,
@@ -122,16 +134,9 @@ def denoiser_jacobian(
     Entry [i, j] is d x0_hat_i / d x_t_j with both images flattened in (C, H, W) order. Float32 on the
     model's device; see the module docstring for the relation to the eps-network Jacobian.
     """
-    if x0.ndim != 3:
-        raise ValueError(f"x0 must be one (C, H, W) image, got shape {tuple(x0.shape)}")
-    device, dtype = _model_device_dtype(model)
-    abar = _abar(t)
-    sq, sq1m = math.sqrt(abar), math.sqrt(1.0 - abar)
-    shape = tuple(x0.shape)
+    device, dtype, sq, sq1m, shape, x_t, y_batch = _denoiser_point(model, x0, t, noise_seed, y)
     C = shape[0]
-    x_t = noisy_input(x0, t, noise_seed).to(device=device, dtype=dtype).reshape(-1)
     t_batch = torch.full((1,), int(t), dtype=torch.long, device=device)
-    y_batch = None if y is None else torch.as_tensor(y, dtype=torch.long, device=device).reshape(1)
 
     def denoise(x_flat: Tensor) -> Tensor:
         x = x_flat.reshape(1, *shape)
@@ -197,16 +202,9 @@ def symmetric_jacobian_operator(model, x0: Tensor, t: int, *, noise_seed: int = 
     """
     import torch.autograd.forward_ad as fwAD
 
-    if x0.ndim != 3:
-        raise ValueError(f"x0 must be one (C, H, W) image, got shape {tuple(x0.shape)}")
-    device, dtype = _model_device_dtype(model)
-    abar = _abar(t)
-    sq, sq1m = math.sqrt(abar), math.sqrt(1.0 - abar)
-    shape = tuple(x0.shape)
+    device, dtype, sq, sq1m, shape, x_t, y_one = _denoiser_point(model, x0, t, noise_seed, y)
     C = shape[0]
     D = int(np.prod(shape))
-    x_t = noisy_input(x0, t, noise_seed).to(device=device, dtype=dtype).reshape(-1)
-    y_one = None if y is None else torch.as_tensor(y, dtype=torch.long, device=device).reshape(1)
 
     def denoise(x: Tensor) -> Tensor:  # (n, D) -> (n, D)
         n = x.shape[0]
