@@ -210,6 +210,16 @@ def section_fid(ctx: dict) -> None:
     tables_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(tables_dir / "fid.md") as tmp:
         tmp.write_text(md)
+    # the page shows the columns that fit its width; the counts common to every row go into the note
+    page = per[["model", "N", "KID x1e3", "FID", "precision", "recall"]].rename(columns={"precision": "prec."})
+    counts = per[["samples", "subset", "reference", "steps", "seeds"]].drop_duplicates()
+    shown = page.to_markdown(index=False, floatfmt=".3f")
+    if len(counts) == 1:
+        c = counts.iloc[0]
+        shown += (f"\n\nEvery row: {c['samples']} samples of {c['steps']} sampling steps, KID subsets of {c['subset']}, "
+                  f"{c['reference']} reference images, {c['seeds']} seed(s).")
+    else:
+        shown = md
     small = int(per["samples"].min()) < 10_000
     note = ("KID leads this table: it is an unbiased estimate at any sample count, and its +- is the standard deviation "
             "over 100 random subsets of 'subset' samples and reference images (subsets smaller than the sets, so the "
@@ -218,7 +228,7 @@ def section_fid(ctx: dict) -> None:
                if small else "")
             + "All through torch-fidelity (Inception-v3, offline weights); Inception Score is not available with those "
             "weights (no classifier logits) and is reported as missing.\n\n")
-    _text_page(ctx["pdf"], "KID and FID (seed 004 table 1 layout)", note + md)
+    _text_page(ctx["pdf"], "KID and FID (seed 004 table 1 layout)", note + shown)
 
 
 def section_freeu(ctx: dict) -> None:
