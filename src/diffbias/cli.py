@@ -380,6 +380,28 @@ def cmd_gmm_masks(args) -> None:
             np.savez_compressed(fh, **centre_maps)
 
 
+def cmd_measure(args) -> None:
+    """A registered plugin measurement (diffbias.measurements): its compute on the run's EMA model and held-out
+    images, with its resolved config section; one parquet table with the run's keys added."""
+    from .io import provenance, write_parquet
+    from .measurements import plugins
+    from .train import load_trained, resolve_device
+
+    _threads(args.threads)
+    registered = plugins()
+    if args.name not in registered:
+        raise SystemExit(f"unknown plugin measurement {args.name!r}; registered: {sorted(registered)}")
+    m, cfg = registered[args.name], json.loads(args.config)
+    device = resolve_device(args.device)
+    model, ckpt = load_trained(args.model, device)
+    images = _test_images(ckpt, args.data, int(cfg.get("num_images", 8))).to(device)
+    df = m.compute(model, ckpt, images, cfg)
+    for key, value in ckpt["spec"]["run"].items():
+        df[key] = value
+    write_parquet(df, args.out, {"spec": ckpt["spec"], "measurement": m.name, "config": cfg,
+                                 "provenance": provenance(None, str(device))})
+
+
 def cmd_counts(args) -> None:
     """Parameters and FLOPs of every variant of a study at its data set's shape (one row per variant)."""
     import pandas as pd
@@ -550,6 +572,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--maps-out", required=True, help="npz: per block, the centre token's mask (heads, g, g)")
     p.set_defaults(func=cmd_gmm_masks)
+
+    p = sub.add_parser("measure", parents=[common], help="a registered plugin measurement of a trained run")
+    p.add_argument("name", help="the measurement's registry name (diffbias.measurements)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="{}", help="its resolved config section, as JSON")
+    p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("counts", help="parameters and FLOPs (fvcore MACs) of a study's variants")
     p.add_argument("--study", required=True, help="study description JSON")

@@ -87,6 +87,13 @@ def load_config(path: str | Path) -> dict:
     return validate_config(yaml.safe_load(Path(path).read_text()))
 
 
+def _declares(backbone: str, capability: str) -> bool:
+    """Whether a backbone class declares a capability (a class attribute, docs/model-contract.md)."""
+    from .models import BACKBONES
+
+    return bool(getattr(BACKBONES.get(backbone), capability, False))
+
+
 def _check_semantics(config: dict) -> None:
     from .models import resolve_options
     from .models.attention import check_windows_fit, parse_attention_spec
@@ -97,7 +104,7 @@ def _check_semantics(config: dict) -> None:
             backbone, options = resolve_options(variant.get("backbone"), variant.get("preset"), variant.get("options"))
         except (KeyError, ValueError) as exc:
             raise ConfigError(key, str(exc).strip("'\"")) from None
-        if backbone == "dit":
+        if _declares(backbone, "has_attention_spec"):
             try:
                 parse_attention_spec(options.get("attention"), options.get("depth", 12))
             except ValueError as exc:
@@ -145,7 +152,7 @@ def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> 
 
     v = config["variants"][variant]
     backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
-    if backbone == "dit":
+    if _declares(backbone, "has_attention_spec"):
         patch = options.get("patch_size", 1)
         if dataset["resolution"] % patch:
             raise ConfigError(f"{key}.options.patch_size", f"resolution {dataset['resolution']} not divisible by {patch}")

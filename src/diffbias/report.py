@@ -412,6 +412,19 @@ SECTIONS: list[Callable[[dict], None]] = [
 ]
 
 
+def measurement_tables() -> list[str]:
+    from .measurements import report_tables
+
+    return report_tables()
+
+
+def plugin_sections() -> list[Callable[[dict], None]]:
+    """Report sections of registered plugin measurements (after the built-in ones, in registration order)."""
+    from .measurements import plugins
+
+    return [m.section if callable(m.section) else globals()[m.section] for m in plugins().values() if m.section]
+
+
 def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
     study_dir = Path(study_dir)
     ctx = {
@@ -421,13 +434,13 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path) -> None:
         "labels": study.get("labels", {}),
         "psnr": pd.read_parquet(study_dir / "psnr.parquet"),
     }
-    for table in ("train_log", "fid", "fid_curve", "counts", "freeu", "jacobian", "attention", "gmm_masks"):
-        if (study_dir / f"{table}.parquet").exists():
+    for table in ("train_log", "counts", *measurement_tables()):  # the registry's tables (diffbias.measurements)
+        if table != "psnr" and (study_dir / f"{table}.parquet").exists():
             ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
     with atomic_path(out) as tmp:
         with PdfPages(tmp) as pdf:
             ctx["pdf"] = pdf
-            for section in SECTIONS:
+            for section in [*SECTIONS, *plugin_sections()]:
                 section(ctx)
             info = pdf.infodict()
             info["Title"] = f"diffbias report: {study['name']}"

@@ -17,7 +17,8 @@ from diffbias.config import (
     validate_config,
     variant_label,
 )
-from diffbias.models import resolve_options
+from diffbias import measurements
+from diffbias.models import BACKBONES, resolve_options
 
 # A --configfile replaces the embedded default instead of being merged into it.
 if not workflow.overwrite_configfiles:
@@ -61,36 +62,25 @@ def run_spec_json(wc) -> str:
     return json.dumps(run_spec(CFG, run_key(wc)), sort_keys=True)
 
 
-# Which per-run measurement applies to which runs (FID only at the configured N, as seed 004 table 1).
-def _in(n_list):
-    return lambda run: n_list is None or run.n in n_list
-
-
-def _has_gmm_masks(run) -> bool:
+# Which measurement applies to which runs: the registry (diffbias.measurements) says, from its N list under
+# `evaluation:` and the capabilities a backbone class declares (FID only at the configured N, seed 004 table 1).
+def measured(m, run: RunKey) -> bool:
     v = CFG["variants"][run.variant]
     backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
-    return backbone == "uvit" and bool(options.get("gmm"))
+    return m.applies(CFG["evaluation"], run.n, BACKBONES[backbone], options)
 
 
-MEASURED_RUNS = {
-    "fid.parquet": _in(CFG["evaluation"]["fid"]["N"]),
-    "fid_curve.parquet": _in(CFG["evaluation"]["fid_curve"]["N"]),
-    "gmm_masks.parquet": lambda run: _has_gmm_masks(run) and _in(CFG["evaluation"]["gmm_masks"]["N"])(run),
-    "jacobian.parquet": _in(CFG["evaluation"]["jacobian"]["N"]),
-    "attention.parquet": _in(CFG["evaluation"]["attention"]["N"]),
-}
+PER_RUN = measurements.per_run()
+PLUGINS = measurements.plugins()
+MEASURED_RUNS = {m.table: (lambda run, m=m: measured(m, run)) for m in PER_RUN.values()}
+FREEU = measurements.MEASUREMENTS["freeu"]
 
 
 def freeu_runs(study: str) -> list[RunKey]:
-    """U-ViT runs of a study that declares a FreeU (b, s) grid."""
+    """Runs of a study that declares a FreeU (b, s) grid, on backbones that support FreeU."""
     if "freeu_grid" not in CFG["studies"][study]:
         return []
-    return [r for r in study_runs(CFG, study) if backbone_of(r.variant) == "uvit"]
-
-
-def backbone_of(variant: str) -> str:
-    v = CFG["variants"][variant]
-    return resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))[0]
+    return [r for r in study_runs(CFG, study) if measured(FREEU, r)]
 
 
 def run_files(study: str, name: str) -> list[str]:
@@ -103,12 +93,18 @@ def run_files(study: str, name: str) -> list[str]:
 def study_tables(study: str) -> dict[str, str]:
     """The study-level tables its report needs (a table only when some run is measured)."""
     tables = {"psnr": "psnr", "train_log": "train_log", "counts": "counts"}
-    for table in ("fid", "fid_curve", "jacobian", "attention", "gmm_masks"):
-        if run_files(study, f"{table}.parquet"):
+    for table, m in PER_RUN.items():
+        if run_files(study, m.table):
             tables[table] = table
     if freeu_runs(study):
-        tables["freeu"] = "freeu"
+        tables[FREEU.name] = FREEU.name
     return {k: f"{R}/studies/{study}/{v}.parquet" for k, v in tables.items()}
+
+
+# The aggregate_study rule's tables: every per-run measurement and the training log.
+AGGREGATED_TABLES = "|".join(["train_log", *PER_RUN])
+# The generic `measure` rule's measurements (plugins); a pattern that matches nothing when there are none.
+PLUGIN_NAMES = "|".join(PLUGINS) or "(?!)"
 
 
 def resource(group: str, key: str, default):

@@ -226,6 +226,34 @@ rule freeu_grid:
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
+# A registered plugin measurement (diffbias.measurements, docs/adding-a-measurement.md): its resolved config
+# section goes to `python -m diffbias measure` as JSON.
+rule measure:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        data=f"{R}/data/{{dataset}}.npz",
+    output:
+        f"{RUN_DIR}/{{measurement}}.parquet",
+    params:
+        cfg=lambda wc: json.dumps(CFG["evaluation"].get(PLUGINS[wc.measurement].config_key or "", {}), sort_keys=True),
+        device=CFG["device"],
+    wildcard_constraints:
+        measurement=PLUGIN_NAMES,
+    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=resource("evaluate", "runtime", 30),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/{{measurement}}/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias measure {wildcards.measurement} --model {input.model} --data {input.data} --out {output} "
+        "--config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
+
+
 rule aggregate_freeu:
     input:
         lambda wc: run_files(wc.study, f"freeu-{wc.study}.parquet"),
@@ -249,7 +277,7 @@ rule aggregate_study:
     params:
         study=study_json,
     wildcard_constraints:
-        table="psnr|train_log|fid|fid_curve|jacobian|attention|gmm_masks",
+        table=AGGREGATED_TABLES,  # the registry's per-run measurements (diffbias.measurements)
     conda:
         "../envs/diffbias.yaml"
     log:

@@ -259,6 +259,8 @@ class DiceStage(nn.Module):
 @register_backbone("dice")
 class DICE(nn.Module):
     """Denoising cascade of DeltaConvNeXt stages with adaLN-Zero (seed 002); see the module docstring."""
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = False
 
     zero_output_at_init = True
     stage_scales = STAGE_SCALES
@@ -399,6 +401,8 @@ class TdnStage(nn.Module):
 class DiceTDN(nn.Module):
     """DICE w/o hands, time-dependent norms: DICE's three-stage cascade with time only through TD-LN, a gated
     MLP and PixelShuffle feature passing between stages (the harness's former "DiMR-like" model)."""
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = False
 
     zero_output_at_init = False
     stage_scales = STAGE_SCALES

@@ -222,6 +222,8 @@ class DiffuSSM(nn.Module):
     """DiffuSSM backbone. Options: hidden_size D, depth, patch_size P (1: a token per pixel), hourglass M
     (1: no down/up scaling), mlp_ratio (gated-MLP width / D; 2 gives the seed's FLOP formula), d_state N
     (real state size of each S4D), dt_min, dt_max."""
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = False
 
     zero_output_at_init = True
     no_weight_decay_keywords = ("log_dt", "log_A_real", "A_imag")

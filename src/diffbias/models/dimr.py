@@ -271,6 +271,8 @@ class DimrStage(nn.Module):
 class DiMR(nn.Module):
     """Official two-branch DiMR (/2R): a Transformer branch at 1/patch resolution, then a ConvNeXt branch at
     full resolution fed with all of the first branch's features; see the module docstring."""
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = True
 
     zero_output_at_init = False
     stage_scales = (1, 2)  # stage order: index 0 = full resolution (ConvNeXt), 1 = 1/2 (Transformer)

@@ -162,6 +162,9 @@ def parse_block_sharing(spec: str | None, depth: int) -> dict[int, int]:
 
 @register_backbone("dit")
 class DiT(nn.Module):
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = True
+    has_attention_spec = True
     zero_output_at_init = True
 
     def __init__(

@@ -176,6 +176,8 @@ def parse_resolutions(value: str | int | Sequence[int] | None) -> tuple[int, ...
 
 @register_backbone("unet")
 class UNet(nn.Module):
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = True
     zero_output_at_init = True
 
     def __init__(

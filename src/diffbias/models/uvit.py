@@ -247,6 +247,10 @@ def freeu_scaling(
 @register_backbone("uvit")
 class UViT(nn.Module):
     """U-ViT; ``gmm=True`` gives every block GMM-masked attention (seed 000 "GMM-S")."""
+    # capabilities (docs/model-contract.md, diffbias.measurements)
+    records_attention = True
+    has_gmm_masks = True
+    supports_freeu = True
 
     def __init__(
         self,
