@@ -45,6 +45,15 @@ def test_builtin_registry_lists_todays_measurements():
     assert {m.section for m in measurements.MEASUREMENTS.values()} <= names
 
 
+@pytest.mark.parametrize("name", sorted(measurements.MEASUREMENTS))
+def test_every_registered_command_is_a_cli_subcommand(name):
+    from diffbias.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([measurements.MEASUREMENTS[name].command, "--help"])
+    assert exc.value.code == 0
+
+
 def test_applies_by_n_and_by_declared_capability():
     ev = {"fid": {"N": [50]}, "gmm_masks": {"N": None}}
     fid, gmm, psnr = (measurements.MEASUREMENTS[k] for k in ("fid", "gmm_masks", "psnr"))

@@ -83,8 +83,13 @@ def freeu_runs(study: str) -> list[RunKey]:
     return [r for r in study_runs(CFG, study) if measured(FREEU, r)]
 
 
+def freeu_table(study: str) -> str:
+    """A FreeU run's per-study table (the grid is a study setting, so the file is named after the study)."""
+    return FREEU.table.format(study=study)
+
+
 def run_files(study: str, name: str) -> list[str]:
-    if name.startswith("freeu-"):
+    if name == freeu_table(study):
         return [f"{R}/runs/{r.path}/{name}" for r in freeu_runs(study)]
     keep = MEASURED_RUNS.get(name, lambda run: True)
     return [f"{R}/runs/{r.path}/{name}" for r in study_runs(CFG, study) if keep(r)]

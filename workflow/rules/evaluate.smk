@@ -202,8 +202,8 @@ rule freeu_grid:
         model=f"{RUN_DIR}/model.pt",
         data=f"{R}/data/{{dataset}}.npz",
     output:
-        table=f"{RUN_DIR}/freeu-{{study}}.parquet",
-        samples=f"{RUN_DIR}/freeu-{{study}}-samples.npz",
+        table=f"{RUN_DIR}/{FREEU.outputs[0]}",  # freeu-{study}.parquet (diffbias.measurements)
+        samples=f"{RUN_DIR}/{FREEU.outputs[1]}",
     params:
         g=lambda wc: CFG["studies"][wc.study]["freeu_grid"],
         b=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["b"])),
@@ -256,9 +256,9 @@ rule measure:
 
 rule aggregate_freeu:
     input:
-        lambda wc: run_files(wc.study, f"freeu-{wc.study}.parquet"),
+        lambda wc: run_files(wc.study, freeu_table(wc.study)),
     output:
-        f"{R}/studies/{{study}}/freeu.parquet",
+        f"{R}/studies/{{study}}/{FREEU.name}.parquet",
     params:
         study=study_json,
     conda:
