@@ -522,7 +522,6 @@ def compute_image_metrics(
     kid_subset_size: int | None = None,
     isc: bool = False,
     cpu_threads: int | None = None,
-    reference_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """FID (+ KID, precision/recall) of ``samples_uint8`` against ``reference_uint8``.
 
@@ -531,7 +530,7 @@ def compute_image_metrics(
     Features come from torch-fidelity's ``inception-v3-compat`` extractor, layer
     ``2048``, with the offline weights (``weights_path``, default
     :func:`default_weights_path`, built on demand); nothing is downloaded and no
-    statistics are cached on disk unless ``reference_cache`` is given.  Precision is the fraction of samples inside
+    statistics are cached on disk.  Precision is the fraction of samples inside
     the reference manifold, recall the converse (k = 3 neighbours).
 
     ``inception_score`` is None unless ``isc=True`` *and* the weights carry a real
@@ -540,12 +539,11 @@ def compute_image_metrics(
 
     ``cpu_threads`` (default: leave as is) limits torch and OpenBLAS threads during
     the call, see :func:`limit_cpu_threads`; 1 is much faster on a busy 2-core box.
-    ``reference_cache``: a folder private to one caller (e.g. a TemporaryDirectory) in which torch-fidelity
-    caches the reference set's features, so several sample sets scored against the SAME reference (FID
-    curves, FreeU grids) run Inception over the reference once. The cache is keyed by name only: never
-    share the folder between different reference sets.
-    KID uses ``kid_subset_size = min(1000, n, m)`` by default (100 subsets); when
-    that equals both set sizes every subset is the full set and ``kid_std`` is 0.
+    Scoring many sample sets against one reference: compute the reference's
+    :func:`inception_features` once and use :func:`metrics_from_features`.
+    KID uses 100 subsets of ``kid_subset_size_for(n, m)`` (half the smaller set, at
+    most 1000) by default, as :func:`metrics_from_features`: subsets as large as the
+    sets would make every subset the full set and ``kid_std`` meaningless.
     """
     import torch_fidelity
 
@@ -558,7 +556,7 @@ def compute_image_metrics(
     if prc and min(n, m) <= prc_k:
         raise ValueError(f"precision/recall need more than {prc_k} images per set, got {n} and {m}")
     if kid_subset_size is None:
-        kid_subset_size = min(1000, n, m)
+        kid_subset_size = kid_subset_size_for(n, m)
     if kid and not (2 <= kid_subset_size <= min(n, m)):
         raise ValueError(f"kid_subset_size must be in [2, {min(n, m)}], got {kid_subset_size}")
 
@@ -593,7 +591,7 @@ def compute_image_metrics(
         feature_layer_prc=FEATURE_LAYER,
         feature_extractor_weights_path=str(weights),
         prc_neighborhood=prc_k,
-        cache=reference_cache is not None,
+        cache=False,
         verbose=False,
         # in-memory data: no DataLoader worker processes (PRC then uses the
         # chunked variant, which gives identical numbers)
@@ -601,8 +599,6 @@ def compute_image_metrics(
     )
     if kid:
         kwargs["kid_subset_size"] = int(kid_subset_size)
-    if reference_cache is not None:
-        kwargs.update(cache_root=str(reference_cache), input2_cache_name="reference")
     with ctx, limit_cpu_threads(cpu_threads):
         res = torch_fidelity.calculate_metrics(**kwargs)
 

@@ -325,6 +325,19 @@ def _per_image(value: float, batch_size: int) -> int:
     return int(round(value / batch_size))
 
 
+def _counting_inputs(model: nn.Module, caller: str, input_size: int, in_channels: int, num_classes: int,
+                     batch_size: int) -> tuple[torch.Tensor, ...]:
+    """(x, t[, y]) on the model's device for one counting pass; a meta-device model cannot be run."""
+    device = _model_device(model)
+    if device.type == "meta":
+        raise ValueError(f"{caller} needs real tensors: materialise the model first (materialize_on_cpu)")
+    x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    if num_classes > 0:
+        return x, t, torch.randint(0, num_classes, (batch_size,), device=device)
+    return x, t
+
+
 def count_flops(
     model: nn.Module,
     *,
@@ -364,14 +377,7 @@ def count_flops(
     handles = dict(EXTRA_HANDLES) if convention == "diffbias" else {}
     if model.__class__.__module__.startswith("fvcore"):
         raise TypeError("count_flops takes the model, not an fvcore analysis")
-    device = _model_device(model)
-    if device.type == "meta":
-        raise ValueError("count_flops needs real tensors: materialise the model first (materialize_on_cpu)")
-    x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
-    t = torch.randint(0, 1000, (batch_size,), device=device)
-    inputs: tuple[torch.Tensor, ...] = (x, t)
-    if num_classes > 0:
-        inputs = (x, t, torch.randint(0, num_classes, (batch_size,), device=device))
+    inputs = _counting_inputs(model, "count_flops", input_size, in_channels, num_classes, batch_size)
 
     def new_analysis():
         analysis = _flop_count_analysis_class()(model, inputs)
@@ -458,14 +464,7 @@ def count_mult_adds(
     parameters of non-leaf modules (a DiT's pos_embed, DICE's lambda) and other names add nothing. The
     forward pass runs with the heavy kernels shape-only (see ``ShapeOnlyHeavyOps``) when possible.
     """
-    device = _model_device(model)
-    if device.type == "meta":
-        raise ValueError("count_mult_adds needs real tensors: materialise the model first (materialize_on_cpu)")
-    x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
-    t = torch.randint(0, 1000, (batch_size,), device=device)
-    inputs: tuple[torch.Tensor, ...] = (x, t)
-    if num_classes > 0:
-        inputs = (x, t, torch.randint(0, num_classes, (batch_size,), device=device))
+    inputs = _counting_inputs(model, "count_mult_adds", input_size, in_channels, num_classes, batch_size)
     total = [0]
 
     def hook(module, args, output):
