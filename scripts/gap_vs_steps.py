@@ -56,7 +56,8 @@ def main() -> None:
         test = data_lib.to_model_range(images[test_idx[:k]])
         for path in sorted((tmp / "run" / "ema_snapshots").glob("ema_*.pt")) + [tmp / "run" / "model.pt"]:
             model, ckpt = load_trained(path)
-            df = psnr_gap(model, train, test, respacing=psnr_cfg["respacing"], noise_seed=psnr_cfg["noise_seed"])
+            df = psnr_gap(model, train, test, respacing=psnr_cfg["respacing"], noise_seed=psnr_cfg["noise_seed"],
+                          clip=psnr_cfg["clip"])
             print(f"{args.variant} N={args.n} seed={args.seed} step {ckpt['step']}: mean gap {df['gap'].mean():.3f} dB "
                   f"(max {df['gap'].max():.2f} dB)", flush=True)
 

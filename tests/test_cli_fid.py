@@ -7,26 +7,24 @@ file made for another run is refused.
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from diffbias import cli as diffbias_cli
 from diffbias.config import RunKey, run_spec, validate_config
 from diffbias.train import Trainer
 
 pytest.importorskip("torch_fidelity")
 
-FID = ["--num-samples", "8", "--steps", "3", "--reference", "train", "--max-reference", "8", "--batch-size", "8",
-       "--device", "cpu", "--threads", "1"]
+SETTINGS = json.dumps({"num_samples": 8, "steps": 3, "reference": "train", "max_reference": 8, "batch_size": 8})
+FID = ["--config", SETTINGS, "--device", "cpu", "--threads", "1"]
 
 
 def cli(*args):
-    done = subprocess.run([sys.executable, "-m", "diffbias", *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    """The command line as a rule calls it, in this process (`python -m diffbias ...`)."""
+    diffbias_cli.main([str(a) for a in args])
 
 
 def train(tiny_dataset, tmp_path, preset, n=40, snapshots=()):
@@ -46,7 +44,7 @@ def test_shared_reference_fid_and_curve_agree(tiny_dataset, tmp_path):
     run = train(tiny_dataset, tmp_path, "DiT-T/2", snapshots=(2,))
     ref = tmp_path / "ref.npz"
     cli("fid-reference", "--data", tiny_dataset, "--out", ref, "--n", 40, "--seed", 0, "--test-size", 20,
-        "--reference", "train", "--max-reference", 8, "--device", "cpu", "--threads", 1)
+        "--config", SETTINGS, "--device", "cpu", "--threads", 1)
     with np.load(ref) as f:
         assert f["features"].shape == (8, 2048) and int(f["N"]) == 40
 
@@ -68,20 +66,19 @@ def test_shared_reference_fid_and_curve_agree(tiny_dataset, tmp_path):
     # a reference made for another N is refused rather than silently used
     other = tmp_path / "other.npz"
     cli("fid-reference", "--data", tiny_dataset, "--out", other, "--n", 30, "--seed", 0, "--test-size", 20,
-        "--reference", "train", "--max-reference", 8, "--device", "cpu", "--threads", 1)
-    bad = subprocess.run([sys.executable, "-m", "diffbias", "fid", "--model", str(run / "model.pt"), "--data",
-                          str(tiny_dataset), "--out", str(tmp_path / "bad.parquet"), "--samples-out",
-                          str(tmp_path / "bad.npz"), "--reference-features", str(other), *FID],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "was computed for" in bad.stderr
+        "--config", SETTINGS, "--device", "cpu", "--threads", 1)
+    with pytest.raises(SystemExit, match="was computed for"):
+        cli("fid", "--model", run / "model.pt", "--data", tiny_dataset, "--out", tmp_path / "bad.parquet",
+            "--samples-out", tmp_path / "bad.npz", "--reference-features", other, *FID)
     assert not (tmp_path / "bad.parquet").exists()
 
 
 def test_freeu_grid_scores_every_b_s_pair_with_paired_seeds(tiny_dataset, tmp_path):
     run = train(tiny_dataset, tmp_path, "UViT-T/2")
     cli("freeu-grid", "--model", run / "model.pt", "--data", tiny_dataset, "--out", tmp_path / "freeu.parquet",
-        "--samples-out", tmp_path / "freeu.npz", "--b", 1.0, 1.4, "--s", 1.0, "--num-samples", 8,
-        "--max-reference", 8, "--steps", 3, "--batch-size", 8, "--keep", 2, "--device", "cpu", "--threads", 1)
+        "--samples-out", tmp_path / "freeu.npz", "--device", "cpu", "--threads", 1, "--config",
+        json.dumps({"b": [1.0, 1.4], "s": [1.0], "num_samples": 8, "max_reference": 8, "steps": 3, "batch_size": 8,
+                    "keep": 2}))
     df = pd.read_parquet(tmp_path / "freeu.parquet")
     assert sorted(zip(df["b"], df["s"])) == [(1.0, 1.0), (1.4, 1.0)]
     assert df["fid"].notna().all() and (df["kid_subset_size"] == 4).all()

@@ -77,6 +77,22 @@ def test_plugin_registers_in_a_temporary_registry(temp_registry):
         temp_registry.register_measurement(Measurement("loss_at_end", builtin=False, compute=len))
 
 
+def test_plugin_settings_are_schema_validated_with_their_defaults(temp_registry):
+    from diffbias.config import ConfigError, section_settings, validate_config
+
+    temp_registry.load_plugins()
+    base = yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
+    filled = validate_config(base)["evaluation"]["loss_at_end"]
+    assert filled == {"N": None, "t": [10, 100, 500], "num_images": 8, "noise_seed": 0}  # the plugin's defaults
+    assert section_settings(("evaluation", "loss_at_end"), {"t": [50]})["num_images"] == 8
+    base["evaluation"]["loss_at_end"] = {"t": "late"}
+    with pytest.raises(ConfigError, match=r"evaluation\.loss_at_end\.t"):
+        validate_config(base)
+    base["evaluation"]["loss_at_end"] = {"tee": [1]}  # a typo is an error, not an ignored key
+    with pytest.raises(ConfigError, match="evaluation.loss_at_end"):
+        validate_config(base)
+
+
 def _config(tmp: Path) -> Path:
     """The micro study at N=10 only, without FID, Jacobian and attention (seconds per job)."""
     cfg = yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())

@@ -40,10 +40,11 @@ def test_psnr_formula_against_independent_computation():
 
 
 def test_zero_eps_model_gives_the_closed_form_psnr():
-    # x0_hat = clip(x_t / sqrt(abar), -1, 1); MSE averaged over the images first, then PSNR (seed eq. 4)
+    # x0_hat = x_t / sqrt(abar), clipped to [-1, 1] or not; MSE averaged over the images first, then PSNR (seed eq. 4)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
-    df = psnr_curve(ZeroEps(), x0, respacing=10, noise_seed=5, batch_size=4)
+    df = psnr_curve(ZeroEps(), x0, respacing=10, noise_seed=5, batch_size=4, clip=True)
+    unclipped = psnr_curve(ZeroEps(), x0, respacing=10, noise_seed=5, batch_size=4)
     diff = create_diffusion(10)
     noise_gen = torch.Generator().manual_seed(5)
     for i, row in df.iterrows():
@@ -52,7 +53,10 @@ def test_zero_eps_model_gives_the_closed_form_psnr():
         xt = math.sqrt(ab) * x0.double() + math.sqrt(1 - ab) * eps
         err = ((xt / math.sqrt(ab)).clamp(-1, 1) - x0.double()).pow(2).flatten(1).mean(1)
         assert row["psnr"] == pytest.approx(10 * math.log10(4 / err.mean().item()), rel=1e-5)
+        raw = ((xt / math.sqrt(ab)) - x0.double()).pow(2).flatten(1).mean(1)  # the seed's eq. 3: no clip
+        assert unclipped["psnr"][i] == pytest.approx(10 * math.log10(4 / raw.mean().item()), rel=1e-5)
     assert list(df["t"]) == diff.timestep_map.tolist()
+    assert (unclipped["psnr"] < df["psnr"] - 1).iloc[-1]  # near t = T the unclipped estimate blows up
 
 
 def test_oracle_has_high_psnr_and_gap_is_truncated_at_zero():

@@ -49,45 +49,57 @@ def cmd_train(args) -> None:
         sys.exit(1)
 
 
-def cmd_psnr(args) -> None:
-    import torch
+def _settings(args, *section: str) -> dict:
+    """The command's resolved config section (``--config`` JSON), validated and completed with the schema's
+    defaults: the schema holds the only defaults, as for the training spec."""
+    from .config import section_settings
 
-    from . import data as data_lib
+    return section_settings(section, json.loads(args.config))
+
+
+def _write_npz(path: str, **arrays) -> None:
+    import numpy as np
+
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def _run_table(df, trained, out: str, **meta) -> None:
+    """A per-run table: the run's keys as columns, its spec and provenance in the parquet metadata."""
     from .io import provenance, write_parquet
-    from .metrics.psnr import psnr_gap
-    from .train import load_trained, resolve_device
+
+    for key, value in trained.run.items():
+        df[key] = value
+    write_parquet(df, out, {"spec": trained.spec, **meta, "provenance": provenance(None, str(trained.device))})
+
+
+def _load_run(args):
+    from .runs import TrainedRun
 
     _threads(args.threads)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    spec = ckpt["spec"]
-    images, _, _ = data_lib.load_prepared(args.data)
-    run = spec["run"]
-    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    k = args.num_images
-    train = data_lib.to_model_range(images[train_idx[:k]])  # all of them when N < K
-    test = data_lib.to_model_range(images[test_idx[:k]])
-    df = psnr_gap(model, train, test, respacing=args.respacing, noise_seed=args.noise_seed, batch_size=args.batch_size)
-    for key, value in run.items():
-        df[key] = value
-    meta = {"spec": spec, "provenance": provenance(None, str(device)),
-            "psnr": {"K_train": len(train), "K_test": len(test), "respacing": args.respacing, "noise_seed": args.noise_seed}}
-    write_parquet(df, args.out, meta)
-    print(f"[psnr {run}] mean gap {df['gap'].mean():.3f} dB over {len(df)} steps (K={len(train)}/{len(test)})")
+    return TrainedRun.load(args.model, args.data, args.device)
 
 
-def _reference_images(spec: dict, images, which: str, max_reference: int):
-    """The FID reference set of a run: the first min(N, max_reference) of its training images (seed 004
-    A.2, 50k cap) or of the held-out test set, in the run's deterministic split."""
-    from . import data as data_lib
+def cmd_psnr(args) -> None:
+    from .metrics.psnr import psnr_gap
 
-    run = spec["run"]
-    train_idx, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    pool = train_idx if which == "train" else test_idx
-    return images[pool[: min(len(pool), max_reference)]]
+    cfg = _settings(args, "evaluation", "psnr")
+    trained = _load_run(args)
+    k = cfg["num_images"]
+    train, test = trained.train_images(k), trained.test_images(k)  # all N training images when N < K
+    df = psnr_gap(trained.model, train.x, test.x, train_labels=train.y, test_labels=test.y,
+                  respacing=cfg["respacing"], noise_seed=cfg["noise_seed"], batch_size=cfg["batch_size"],
+                  clip=cfg["clip"])
+    df["x0_clipped"] = cfg["clip"]
+    _run_table(df, trained, args.out, psnr={"K_train": len(train), "K_test": len(test), **cfg})
+    print(f"[psnr {trained.run}] mean gap {df['gap'].mean():.3f} dB over {len(df)} steps (K={len(train)}/{len(test)}, "
+          f"x0 clipped: {cfg['clip']})")
 
 
-def _load_reference_features(args, spec: dict, images, device) -> "torch.Tensor":
+def _load_reference_features(args, trained, cfg: dict) -> "torch.Tensor":
     """The reference set's Inception features: from the shared `fid-reference` file when given (computed once
     per dataset, N and seed for every variant), else computed here from the same images."""
     import numpy as np
@@ -97,14 +109,14 @@ def _load_reference_features(args, spec: dict, images, device) -> "torch.Tensor"
 
     if getattr(args, "reference_features", None):
         with np.load(args.reference_features) as f:
-            expected = {"N": spec["run"]["N"], "seed": spec["run"]["seed"], "reference": args.reference,
-                        "max_reference": args.max_reference}
+            expected = {"N": trained.run["N"], "seed": trained.run["seed"], "reference": cfg["reference"],
+                        "max_reference": cfg["max_reference"]}
             found = {k: (f[k].item() if f[k].shape == () else f[k].tolist()) for k in expected}
             if found != expected:
                 raise SystemExit(f"{args.reference_features} was computed for {found}, this run needs {expected}")
             return torch.from_numpy(f["features"])
-    reference = _reference_images(spec, images, args.reference, args.max_reference)
-    return inception_features(reference, device=str(device), cpu_threads=args.threads)
+    reference = trained.reference_images(cfg["reference"], cfg["max_reference"])
+    return inception_features(reference, device=str(trained.device), cpu_threads=args.threads)
 
 
 def cmd_fid_reference(args) -> None:
@@ -112,57 +124,49 @@ def cmd_fid_reference(args) -> None:
     import numpy as np
 
     from . import data as data_lib
-    from .io import atomic_path
     from .metrics.fid import inception_features
+    from .runs import reference_indices
     from .train import resolve_device
 
     _threads(args.threads)
+    cfg = _settings(args, "evaluation", "fid")
     images, _, _ = data_lib.load_prepared(args.data)
-    spec = {"run": {"N": args.n, "seed": args.seed}, "dataset": {"test_size": args.test_size}}
-    reference = _reference_images(spec, images, args.reference, args.max_reference)
-    feats = inception_features(reference, device=str(resolve_device(args.device)), cpu_threads=args.threads)
-    with atomic_path(args.out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, features=feats.numpy(), N=args.n, seed=args.seed, reference=args.reference,
-                     max_reference=args.max_reference)
-    print(f"[fid-reference N={args.n} seed={args.seed}] {len(reference)} {args.reference} images -> {args.out}")
+    idx = reference_indices(len(images), args.n, args.test_size, args.seed, cfg["reference"], cfg["max_reference"])
+    feats = inception_features(images[idx], device=str(resolve_device(args.device)), cpu_threads=args.threads)
+    _write_npz(args.out, features=feats.numpy(), N=args.n, seed=args.seed, reference=cfg["reference"],
+               max_reference=cfg["max_reference"])
+    print(f"[fid-reference N={args.n} seed={args.seed}] {len(idx)} {cfg['reference']} images -> {args.out}")
+
+
+def _fid_of(trained, cfg: dict, reference, threads, model=None) -> tuple[dict, "np.ndarray", float, float]:
+    """Sample with the FID settings (labels uniform over the classes when class-conditional) and score."""
+    import time
+
+    from .metrics.fid import inception_features, metrics_from_features
+
+    t0 = time.perf_counter()
+    samples = trained.sample(cfg["num_samples"], steps=cfg["steps"], seed=cfg["sample_seed"],
+                             batch_size=cfg["batch_size"], guidance_scale=cfg["guidance_scale"], model=model)
+    sampling_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    features = inception_features(samples, device=str(trained.device), cpu_threads=threads)
+    metrics = metrics_from_features(features, reference, cpu_threads=threads)
+    return metrics, samples, sampling_s, time.perf_counter() - t0
 
 
 def cmd_fid(args) -> None:
-    import time
-
-    import numpy as np
     import pandas as pd
 
-    from . import data as data_lib
-    from .io import atomic_path, provenance, write_parquet
-    from .metrics.fid import inception_features, metrics_from_features
-    from .sampling import sample_images
-    from .train import load_trained, resolve_device
-
-    _threads(args.threads)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    spec, run = ckpt["spec"], ckpt["spec"]["run"]
-    images, _, _ = data_lib.load_prepared(args.data)
-    reference = _load_reference_features(args, spec, images, device)
-    shape = tuple(images.shape[1:])
-    t0 = time.perf_counter()
-    samples = sample_images(model, args.num_samples, image_shape=shape, steps=args.steps, seed=args.sample_seed,
-                            batch_size=args.batch_size)
-    sampling_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    features = inception_features(samples, device=str(device), cpu_threads=args.threads)
-    metrics = metrics_from_features(features, reference, cpu_threads=args.threads)
-    metric_s = time.perf_counter() - t0
-    with atomic_path(args.samples_out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, samples=samples)
-    row = {**run, **metrics, "sampling_steps": args.steps, "reference": args.reference, "step": ckpt["step"],
-           "sampling_s": sampling_s, "metric_s": metric_s, "sampling_images_per_s": args.num_samples / sampling_s}
-    meta = {"spec": spec, "provenance": provenance(None, str(device))}
-    write_parquet(pd.DataFrame([row]), args.out, meta)
-    print(f"[fid {run}] FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f} +- {metrics['kid_std']:.4f} from "
+    cfg = _settings(args, "evaluation", "fid")
+    trained = _load_run(args)
+    reference = _load_reference_features(args, trained, cfg)
+    metrics, samples, sampling_s, metric_s = _fid_of(trained, cfg, reference, args.threads)
+    _write_npz(args.samples_out, samples=samples)
+    row = {**trained.run, **metrics, "sampling_steps": cfg["steps"], "reference": cfg["reference"], "step": trained.step,
+           "guidance_scale": cfg["guidance_scale"], "class_conditional": trained.num_classes > 0,
+           "sampling_s": sampling_s, "metric_s": metric_s, "sampling_images_per_s": cfg["num_samples"] / sampling_s}
+    _run_table(pd.DataFrame([row]), trained, args.out, fid=cfg)
+    print(f"[fid {trained.run}] FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f} +- {metrics['kid_std']:.4f} from "
           f"{len(samples)} samples vs {len(reference)} reference images "
           f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)")
 
@@ -172,39 +176,28 @@ def cmd_freeu_grid(args) -> None:
     import itertools
     import time
 
-    import numpy as np
     import pandas as pd
 
-    from . import data as data_lib
-    from .io import atomic_path, provenance, write_parquet
-    from .metrics.fid import inception_features, metrics_from_features
+    from .metrics.fid import inception_features
     from .models.uvit import freeu_scaling
-    from .sampling import sample_images
-    from .train import load_trained, resolve_device
 
-    _threads(args.threads)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    spec, run = ckpt["spec"], ckpt["spec"]["run"]
-    images, _, _ = data_lib.load_prepared(args.data)
-    reference = inception_features(_reference_images(spec, images, "train", args.max_reference), device=str(device),
+    grid = _settings(args, "studies", "*", "freeu_grid")
+    trained = _load_run(args)
+    cfg = {"num_samples": grid["num_samples"], "steps": grid["steps"], "sample_seed": grid["sample_seed"],
+           "batch_size": grid["batch_size"], "guidance_scale": grid["guidance_scale"]}
+    reference = inception_features(trained.reference_images("train", grid["max_reference"]), device=str(trained.device),
                                    cpu_threads=args.threads)  # once per grid
-    rows, grids = [], {}
-    for b, s in itertools.product(args.b, args.s):
+    rows, samples_kept = [], {}
+    for b, s in itertools.product(grid["b"], grid["s"]):
         t0 = time.perf_counter()
-        with freeu_scaling(model, b=b, s=s, tau=args.tau):  # the same seeds for every (b, s): paired samples
-            samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
-                                    seed=args.sample_seed, batch_size=args.batch_size)
-        features = inception_features(samples, device=str(device), cpu_threads=args.threads)
-        metrics = metrics_from_features(features, reference, cpu_threads=args.threads)
-        rows.append({**run, "b": b, "s": s, "tau": args.tau, **metrics, "sampling_steps": args.steps,
+        with freeu_scaling(trained.model, b=b, s=s, tau=grid["tau"]):  # the same seeds for every (b, s): paired
+            metrics, samples, _, _ = _fid_of(trained, cfg, reference, args.threads)
+        rows.append({**trained.run, "b": b, "s": s, "tau": grid["tau"], **metrics, "sampling_steps": grid["steps"],
                      "seconds": time.perf_counter() - t0})
-        grids[f"b{b}_s{s}"] = samples[: args.keep]
-        print(f"[freeu {run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
-    write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
-    with atomic_path(args.samples_out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **grids)
+        samples_kept[f"b{b}_s{s}"] = samples[: grid["keep"]]
+        print(f"[freeu {trained.run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
+    _run_table(pd.DataFrame(rows), trained, args.out, freeu_grid=grid)
+    _write_npz(args.samples_out, **samples_kept)
 
 
 def cmd_fid_curve(args) -> None:
@@ -213,102 +206,63 @@ def cmd_fid_curve(args) -> None:
     With ``--final-fid`` (the run's own fid.parquet: same model, sample seeds and reference) the final point is
     read from it instead of being sampled and scored a second time.
     """
-    import time
-
     import pandas as pd
 
-    from . import data as data_lib
-    from .io import provenance, write_parquet
-    from .metrics.fid import inception_features, metrics_from_features
-    from .sampling import sample_images
-    from .train import load_trained, resolve_device
-
-    _threads(args.threads)
-    device = resolve_device(args.device)
+    cfg = _settings(args, "evaluation", "fid")
+    trained = _load_run(args)
     snapshots = sorted(Path(args.snapshots).glob("ema_*.pt"))
-    _, final = load_trained(args.model, "cpu")
-    spec, run = final["spec"], final["spec"]["run"]
-    images, _, _ = data_lib.load_prepared(args.data)
-    reference = _load_reference_features(args, spec, images, device)
-    rows = []
-    final_row = None
+    reference = _load_reference_features(args, trained, cfg)
+    rows, final_row = [], None
     if args.final_fid:
         final_row = pd.read_parquet(args.final_fid).iloc[0].to_dict()
-        same = (final_row["step"] == final["step"] and final_row["num_samples"] == args.num_samples
-                and final_row["sampling_steps"] == args.steps and final_row["reference"] == args.reference)
+        same = (final_row["step"] == trained.step and final_row["num_samples"] == cfg["num_samples"]
+                and final_row["sampling_steps"] == cfg["steps"] and final_row["reference"] == cfg["reference"])
         if not same:
             raise SystemExit(f"{args.final_fid} was computed with other settings than this FID curve")
     else:
         snapshots.append(Path(args.model))
     for path in snapshots:
-        model, ckpt = load_trained(path, device)
-        t0 = time.perf_counter()
-        samples = sample_images(model, args.num_samples, image_shape=tuple(images.shape[1:]), steps=args.steps,
-                                seed=args.sample_seed, batch_size=args.batch_size)  # same seeds at every step
-        sampling_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        features = inception_features(samples, device=str(device), cpu_threads=args.threads)
-        metrics = metrics_from_features(features, reference, cpu_threads=args.threads)
-        rows.append({**run, "step": ckpt["step"], "final": path == Path(args.model), **metrics,
-                     "sampling_steps": args.steps, "reference": args.reference, "sampling_s": sampling_s,
-                     "metric_s": time.perf_counter() - t0})
-        print(f"[fid-curve {run['variant']} N={run['N']}] step {ckpt['step']}: FID {metrics['fid']:.2f} "
-              f"(sampling {sampling_s:.0f}s, inception {rows[-1]['metric_s']:.0f}s)", flush=True)
+        model, ckpt = (trained.model, trained.checkpoint) if path == Path(args.model) else trained.load_model(path)
+        metrics, _, sampling_s, metric_s = _fid_of(trained, cfg, reference, args.threads, model=model)  # same seeds
+        rows.append({**trained.run, "step": ckpt["step"], "final": path == Path(args.model), **metrics,
+                     "sampling_steps": cfg["steps"], "reference": cfg["reference"], "sampling_s": sampling_s,
+                     "metric_s": metric_s})
+        print(f"[fid-curve {trained.run['variant']} N={trained.run['N']}] step {ckpt['step']}: FID {metrics['fid']:.2f} "
+              f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)", flush=True)
     if final_row is not None:
         keep = set(rows[0]) if rows else set(final_row)
         rows.append({**{k: v for k, v in final_row.items() if k in keep}, "final": True})
-    write_parquet(pd.DataFrame(rows), args.out, {"spec": spec, "provenance": provenance(None, str(device))})
+    _run_table(pd.DataFrame(rows), trained, args.out, fid=cfg)
 
 
 def cmd_pca_basis(args) -> None:
     """Seed 004 appendix C: principal components of a trained baseline's attention maps."""
-    from . import data as data_lib
     from .io import provenance, save_torch
     from .metrics.attention_maps import collect_pca_basis
-    from .train import load_trained, resolve_device
 
-    _threads(args.threads)
     req = json.loads(args.spec)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    spec, run = ckpt["spec"], ckpt["spec"]["run"]
-    images, _, _ = data_lib.load_prepared(args.data)
-    _, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    test = data_lib.to_model_range(images[test_idx[: req["num_images"]]])  # the seed uses test images
-    components = collect_pca_basis(model, test, layers=tuple(req["layers"]), steps=tuple(req["steps"]),
-                                   respacing=req["respacing"], num_components=req["components"])
-    save_torch({"components": components, "request": req, "source": run, "provenance": provenance(None, str(device))}, args.out)
-
-
-def _test_images(ckpt, data_path, k):
-    from . import data as data_lib
-
-    spec, run = ckpt["spec"], ckpt["spec"]["run"]
-    images, _, _ = data_lib.load_prepared(data_path)
-    _, test_idx = data_lib.split_indices(len(images), run["N"], spec["dataset"]["test_size"], run["seed"])
-    return data_lib.to_model_range(images[test_idx[:k]])  # held-out images: none of the models has seen them
+    trained = _load_run(args)
+    test = trained.test_images(req["num_images"])  # the seed uses test images
+    components = collect_pca_basis(trained.model, test.x, layers=tuple(req["layers"]), steps=tuple(req["steps"]),
+                                   respacing=req["respacing"], num_components=req["components"], labels=test.y)
+    save_torch({"components": components, "request": req, "source": trained.run,
+                "provenance": provenance(None, str(trained.device))}, args.out)
 
 
 def cmd_jacobian(args) -> None:
     """Seed 004 sec. 2.2 / A.4: eigen-analysis of the denoiser Jacobian at held-out images."""
     import numpy as np
 
-    from .io import atomic_path, provenance, write_parquet
     from .metrics.jacobian import jacobian_analysis
-    from .train import load_trained, resolve_device
 
-    _threads(args.threads)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    images = _test_images(ckpt, args.data, args.num_images)
-    df, vecs = jacobian_analysis(model, images, args.t, chunk_size=args.chunk_size, top_k=args.top_k, method=args.method,
-                                 block_size=args.block_size, max_products=args.max_products, tol=args.tol)
-    for key, value in ckpt["spec"]["run"].items():
-        df[key] = value
-    write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, str(device))})
-    with atomic_path(args.vectors_out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, eigenvectors=vecs.numpy(), t=np.array(args.t))
+    cfg = _settings(args, "evaluation", "jacobian")
+    trained = _load_run(args)
+    images = trained.test_images(cfg["num_images"])  # held-out: none of the models has seen them
+    df, vecs = jacobian_analysis(trained.model, images.x, cfg["t"], labels=images.y, chunk_size=cfg["chunk_size"],
+                                 top_k=cfg["top_k"], method=cfg["method"], block_size=cfg["block_size"],
+                                 max_products=cfg["max_products"], tol=cfg["tol"])
+    _run_table(df, trained, args.out, jacobian=cfg)
+    _write_npz(args.vectors_out, eigenvectors=vecs.numpy(), t=np.array(cfg["t"]))
 
 
 def cmd_cost(args) -> None:
@@ -326,44 +280,36 @@ def cmd_cost(args) -> None:
 
 
 def cmd_attention(args) -> None:
-    """Seed 004 sec. 2.3 / app. B: locality of attention maps per layer, and the maps of one image."""
+    """Seed 004 sec. 2.3 / app. B, figs. 4 and 9-11: locality of attention maps per layer, and the maps of the
+    analysed images at the first t (head-averaged), with the images themselves."""
     import numpy as np
     import pandas as pd
     import torch
 
-    from .io import atomic_path, provenance, write_parquet
+    from . import data as data_lib
     from .metrics.attention_maps import attention_analysis, attention_maps
     from .metrics.jacobian import noisy_input
-    from .train import load_trained, resolve_device
 
-    _threads(args.threads)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    from .models.layers import RecordsAttention
-
-    images = _test_images(ckpt, args.data, args.num_images)
-    has_attention = any(isinstance(m, RecordsAttention) for m in model.modules())
+    cfg = _settings(args, "evaluation", "attention")
+    trained = _load_run(args)
+    images = trained.test_images(cfg["num_images"])
+    has_attention = bool(getattr(trained.model, "records_attention", False))
     # Attention-free backbones (DiffuSSM, DICE) get an empty table: nothing to measure, nothing invented.
-    df = attention_analysis(model, images, args.t) if has_attention else pd.DataFrame(
+    df = attention_analysis(trained.model, images.x, cfg["t"], labels=images.y) if has_attention else pd.DataFrame(
         {c: pd.Series(dtype=t) for c, t in [("layer", "int64"), ("head", "str"), ("t", "int64"), ("metric", "str"),
                                             ("value", "float64"), ("grid_h", "int64"), ("grid_w", "int64")]})
-    for key, value in ckpt["spec"]["run"].items():
-        df[key] = value
-    write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, str(device))})
-    x_t = torch.stack([noisy_input(img, args.t[0], noise_seed=i) for i, img in enumerate(images)])
+    _run_table(df, trained, args.out, attention=cfg)
+    t0 = cfg["t"][0]
+    x_t = torch.stack([noisy_input(img, t0, noise_seed=i) for i, img in enumerate(images.x)])
     with torch.no_grad():
-        maps = attention_maps(model, x_t, args.t[0]) if has_attention else []
+        maps = attention_maps(trained.model, x_t, t0, images.y) if has_attention else []
     per_layer = {f"layer{i + 1}": m.mean(1).half().cpu().numpy() for i, m in enumerate(maps)}  # head-averaged
-    with atomic_path(args.maps_out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, t=np.array(args.t[0]), **per_layer)
+    _write_npz(args.maps_out, t=np.array(t0), images=data_lib.from_model_range(images.x).cpu().numpy(), **per_layer)
 
 
 def cmd_gmm_masks(args) -> None:
     """Seed 000 appendix: the learned Gaussian-mixture masks per head and block of a trained U-ViT."""
-    import numpy as np
-
-    from .io import atomic_path, provenance, write_parquet
+    from .io import provenance, write_parquet
     from .metrics.attention_maps import gmm_mask_summary
     from .train import load_trained
 
@@ -375,31 +321,22 @@ def cmd_gmm_masks(args) -> None:
     for key, value in ckpt["spec"]["run"].items():
         df[key] = value
     write_parquet(df, args.out, {"spec": ckpt["spec"], "provenance": provenance(None, "cpu")})
-    with atomic_path(args.maps_out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **centre_maps)
+    _write_npz(args.maps_out, **centre_maps)
 
 
 def cmd_measure(args) -> None:
-    """A registered plugin measurement (diffbias.measurements): its compute on the run's EMA model and held-out
-    images, with its resolved config section; one parquet table with the run's keys added."""
-    from .io import provenance, write_parquet
+    """A registered plugin measurement (diffbias.measurements): its compute on the trained run with its resolved
+    config section (schema defaults filled); one parquet table with the run's keys added."""
     from .measurements import plugins
-    from .train import load_trained, resolve_device
 
-    _threads(args.threads)
     registered = plugins()
     if args.name not in registered:
         raise SystemExit(f"unknown plugin measurement {args.name!r}; registered: {sorted(registered)}")
-    m, cfg = registered[args.name], json.loads(args.config)
-    device = resolve_device(args.device)
-    model, ckpt = load_trained(args.model, device)
-    images = _test_images(ckpt, args.data, int(cfg.get("num_images", 8))).to(device)
-    df = m.compute(model, ckpt, images, cfg)
-    for key, value in ckpt["spec"]["run"].items():
-        df[key] = value
-    write_parquet(df, args.out, {"spec": ckpt["spec"], "measurement": m.name, "config": cfg,
-                                 "provenance": provenance(None, str(device))})
+    m = registered[args.name]
+    cfg = _settings(args, "evaluation", m.config_key) if m.config_key else json.loads(args.config)
+    trained = _load_run(args)
+    df = m.compute(trained, cfg)
+    _run_table(df, trained, args.out, measurement=m.name, config=cfg)
 
 
 def cmd_counts(args) -> None:
@@ -469,33 +406,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-basis", default=None, help="principal components for PCA-attention variants")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("psnr", parents=[common], help="PSNR gap curve of a trained run")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-images", type=int, default=300)
-    p.add_argument("--respacing", type=int, default=50)
-    p.add_argument("--noise-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    # Measurements: --config is the resolved config section as JSON (the schema holds the only defaults).
+    measure_common = argparse.ArgumentParser(add_help=False, parents=[common])
+    for flag in ("--model", "--data", "--out"):
+        measure_common.add_argument(flag, required=True)
+    measure_common.add_argument("--config", default="{}", help="the measurement's config section, as JSON")
+
+    p = sub.add_parser("psnr", parents=[measure_common], help="PSNR gap curve of a trained run (evaluation.psnr)")
     p.set_defaults(func=cmd_psnr)
 
-    fid_common = argparse.ArgumentParser(add_help=False, parents=[common])  # fid and fid-curve
-    for flag in ("--model", "--data", "--out"):
-        fid_common.add_argument(flag, required=True)
-    fid_common.add_argument("--num-samples", type=int, default=1000)
-    fid_common.add_argument("--steps", type=int, default=250, help="respaced DDPM steps")
-    fid_common.add_argument("--reference", choices=["train", "test"], default="train")
-    fid_common.add_argument("--max-reference", type=int, default=50_000)
-    fid_common.add_argument("--sample-seed", type=int, default=0)
-    fid_common.add_argument("--batch-size", type=int, default=64)
+    fid_common = argparse.ArgumentParser(add_help=False, parents=[measure_common])  # fid and fid-curve
     fid_common.add_argument("--reference-features", default=None,
                             help="the shared fid-reference file of this run's (dataset, N, seed); else computed here")
 
-    p = sub.add_parser("fid", parents=[fid_common], help="sample from the EMA model and compute FID/KID/precision/recall")
+    p = sub.add_parser("fid", parents=[fid_common], help="sample from the EMA model and compute FID/KID/precision/recall "
+                       "(evaluation.fid)")
     p.add_argument("--samples-out", required=True)
     p.set_defaults(func=cmd_fid)
 
-    p = sub.add_parser("fid-curve", parents=[fid_common], help="FID of a run's EMA snapshots and final model (FID over training)")
+    p = sub.add_parser("fid-curve", parents=[fid_common], help="FID of a run's EMA snapshots and final model "
+                       "(evaluation.fid's settings)")
     p.add_argument("--snapshots", required=True, help="the run's ema_snapshots/ folder")
     p.add_argument("--final-fid", default=None, help="the run's fid.parquet: its row is the curve's final point")
     p.set_defaults(func=cmd_fid_curve)
@@ -506,24 +436,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, required=True, help="training-set size N of the runs it serves")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--test-size", type=int, required=True, help="the data set's test_size (defines the split)")
-    p.add_argument("--reference", choices=["train", "test"], required=True)
-    p.add_argument("--max-reference", type=int, required=True)
+    p.add_argument("--config", default="{}", help="evaluation.fid, as JSON (reference, max_reference)")
     p.set_defaults(func=cmd_fid_reference)
 
-    p = sub.add_parser("freeu-grid", parents=[common], help="FID over a FreeU-style (b, s) grid on one trained U-ViT")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("freeu-grid", parents=[measure_common], help="FID over a FreeU-style (b, s) grid on one "
+                       "trained U-ViT (studies.<study>.freeu_grid)")
     p.add_argument("--samples-out", required=True)
-    p.add_argument("--b", type=float, nargs="+", required=True)
-    p.add_argument("--s", type=float, nargs="+", required=True)
-    p.add_argument("--tau", type=int, default=1)
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--max-reference", type=int, default=50_000)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--sample-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--keep", type=int, default=16, help="samples kept per (b, s) for the sample grid figure")
     p.set_defaults(func=cmd_freeu_grid)
 
     p = sub.add_parser("pca-basis", parents=[common], help="PCs of a trained baseline's attention maps")
@@ -533,20 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--spec", required=True, help="JSON: layers, components, num_images, steps, respacing")
     p.set_defaults(func=cmd_pca_basis)
 
-    p = sub.add_parser("jacobian", parents=[common], help="denoiser Jacobian eigen-analysis of a trained run")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("jacobian", parents=[measure_common], help="denoiser Jacobian eigen-analysis of a trained run "
+                       "(evaluation.jacobian)")
     p.add_argument("--vectors-out", required=True)
-    p.add_argument("--t", type=int, nargs="+", default=[250])
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=256, help="full method: rows per batch")
-    p.add_argument("--method", choices=["auto", "full", "lanczos"], default="auto",
-                   help="full Jacobian + eigh, matrix-free block Lanczos, or auto (full up to D = 1024)")
-    p.add_argument("--block-size", type=int, default=8, help="lanczos: vectors per batched product")
-    p.add_argument("--max-products", type=int, default=512, help="lanczos: product budget per image and t")
-    p.add_argument("--tol", type=float, default=1e-3, help="lanczos: relative residual of the top-k pairs")
     p.set_defaults(func=cmd_jacobian)
 
     p = sub.add_parser("cost", help="training and evaluation GPU-hours of a config, before running it")
@@ -558,13 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="optional parquet of the per-run GPU-hours")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("attention", parents=[common], help="attention-map locality of a trained run")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("attention", parents=[measure_common], help="attention-map locality of a trained run "
+                       "(evaluation.attention)")
     p.add_argument("--maps-out", required=True)
-    p.add_argument("--t", type=int, nargs="+", default=[250])
-    p.add_argument("--num-images", type=int, default=6)
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("gmm-masks", parents=[common], help="learned Gaussian-mixture masks of a U-ViT run")
@@ -573,12 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--maps-out", required=True, help="npz: per block, the centre token's mask (heads, g, g)")
     p.set_defaults(func=cmd_gmm_masks)
 
-    p = sub.add_parser("measure", parents=[common], help="a registered plugin measurement of a trained run")
+    p = sub.add_parser("measure", parents=[measure_common], help="a registered plugin measurement of a trained run")
     p.add_argument("name", help="the measurement's registry name (diffbias.measurements)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default="{}", help="its resolved config section, as JSON")
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("counts", help="parameters and FLOPs (fvcore MACs) of a study's variants")

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -60,7 +60,37 @@ def _fill_defaults(schema: dict, instance: Any, root: dict) -> Any:
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The config schema, with the settings of registered plugin measurements under ``evaluation.<config_key>``
+    (diffbias.measurements: a plugin declares its settings and their defaults there, like a built-in)."""
+    from .measurements import plugins
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    evaluation = schema["properties"]["evaluation"]["properties"]
+    for m in plugins().values():
+        if m.config_key and m.config_key not in evaluation:
+            props = {"N": {"type": ["array", "null"], "items": {"type": "integer"}, "default": None,
+                           "description": "N whose runs are measured (null: all)"}, **m.settings}
+            evaluation[m.config_key] = {"type": "object", "additionalProperties": False, "default": {},
+                                        "properties": props}
+    return schema
+
+
+def section_settings(path: Sequence[str], given: dict) -> dict:
+    """One config section (e.g. ``("evaluation", "psnr")``; ``"*"`` steps into a named entry such as a study)
+    validated against its schema and completed with the schema's defaults: what a measurement command receives
+    as ``--config`` JSON, complete whether the rule or a user by hand passes it."""
+    import jsonschema
+
+    root = load_schema()
+    schema = root
+    for key in path:
+        schema = schema["additionalProperties"] if key == "*" else schema["properties"][key]
+    given = copy.deepcopy(dict(given))
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(given), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        err = errors[0]
+        raise ConfigError(".".join([*path, *map(str, err.absolute_path)]), err.message)
+    return _fill_defaults(schema, given, root)
 
 
 def validate_config(config: dict) -> dict:

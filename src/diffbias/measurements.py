@@ -40,10 +40,14 @@ class Measurement:
     needs_snapshots: bool = False  # reads the run's EMA snapshots
     section: str | Callable[[dict], None] | None = None  # report section (name in report.py, or a callable)
     scope: str = "run"  # "run": one table per run; "study": parametrised per study (FreeU's grid)
+    study_key: str | None = None  # scope "study": the study's config key holding the grid (studies.<s>.<key>)
     params: tuple[str, ...] = ()  # grid parameters of an evaluation-time ablation (FreeU: b, s)
     builtin: bool = True  # False: run by the generic `measure` rule through `compute`
-    # plugins: compute(model, ckpt, images, cfg: dict) -> pandas.DataFrame (one per run; run keys are added)
+    # plugins: compute(run: diffbias.runs.TrainedRun, cfg: dict) -> pandas.DataFrame (one per run; run keys are
+    # added); cfg is its section evaluation.<config_key>, validated and completed from `settings`
     compute: Callable[..., Any] | None = field(default=None, compare=False)
+    # plugins: JSON-schema properties of evaluation.<config_key> (with their defaults); `N` is always allowed
+    settings: dict = field(default_factory=dict, compare=False)
 
     @property
     def table(self) -> str:
@@ -86,7 +90,8 @@ for _m in (
                 capability="has_gmm_masks", option="gmm", section="section_gmm_masks"),
     # An evaluation-time ablation: config under studies.<study>.freeu_grid, per-run files named after the study.
     Measurement("freeu", None, "freeu-grid", ("freeu-{study}.parquet", "freeu-{study}-samples.npz"),
-                capability="supports_freeu", section="section_freeu", scope="study", params=("b", "s")),
+                capability="supports_freeu", section="section_freeu", scope="study", study_key="freeu_grid",
+                params=("b", "s")),
 ):
     register_measurement(_m)
 

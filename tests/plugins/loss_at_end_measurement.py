@@ -15,22 +15,31 @@ import torch
 from diffbias.diffusion import linear_betas
 from diffbias.measurements import Measurement, register_measurement
 
-T = (10, 100, 500)  # timesteps (of 1000) at which the loss is measured
+# Its settings under evaluation.loss_at_end, as JSON-schema properties with their defaults (the config schema
+# gains them when the plugin is loaded; `N` is always allowed).
+SETTINGS = {
+    "t": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "default": [10, 100, 500],
+          "description": "timesteps (of 1000) at which the loss is measured"},
+    "num_images": {"type": "integer", "minimum": 1, "default": 8},
+    "noise_seed": {"type": "integer", "default": 0},
+}
 
 
-def compute(model: torch.nn.Module, ckpt: dict, images: torch.Tensor, cfg: dict) -> pd.DataFrame:
-    """MSE between the true noise and the model's eps prediction on held-out images, per t (fixed noise)."""
+def compute(run, cfg: dict) -> pd.DataFrame:
+    """MSE between the true noise and the model's eps prediction on held-out images, per t (fixed noise).
+
+    run: the trained run (diffbias.runs.TrainedRun: model, held-out images with their labels); cfg: its section
+    evaluation.loss_at_end, completed with the defaults declared in SETTINGS below."""
+    images = run.test_images(cfg["num_images"])  # labels too, when the model is class-conditional
     abar = np.cumprod(1.0 - linear_betas(1000))
-    gen = torch.Generator().manual_seed(int(cfg.get("noise_seed", 0)))
-    k = ckpt["num_classes"]
-    y = torch.full((len(images),), k, dtype=torch.long) if k else None  # the null label when conditional
+    gen = torch.Generator().manual_seed(cfg["noise_seed"])
     rows = []
-    for t in cfg.get("t", T):
-        eps = torch.randn(images.shape, generator=gen)
-        x_t = float(np.sqrt(abar[t])) * images + float(np.sqrt(1 - abar[t])) * eps
+    for t in cfg["t"]:
+        eps = torch.randn(images.x.shape, generator=gen).to(images.x.device)
+        x_t = float(np.sqrt(abar[t])) * images.x + float(np.sqrt(1 - abar[t])) * eps
         with torch.no_grad():
-            out = model(x_t, torch.full((len(images),), t, dtype=torch.long), y)
-        mse = torch.mean((out[:, : images.shape[1]] - eps) ** 2).item()
+            out = run.model(x_t, torch.full((len(images),), t, dtype=torch.long, device=x_t.device), images.y)
+        mse = torch.mean((out[:, : images.x.shape[1]] - eps) ** 2).item()
         rows.append({"t": int(t), "loss": mse, "num_images": len(images)})
     return pd.DataFrame(rows)
 
@@ -52,10 +61,11 @@ def section_loss_at_end(ctx: dict) -> None:
 
 register_measurement(Measurement(
     name="loss_at_end",
-    config_key="loss_at_end",  # evaluation.loss_at_end when the schema has it; {} (all runs) otherwise
+    config_key="loss_at_end",  # its settings: evaluation.loss_at_end (schema from SETTINGS)
     command="measure",
     outputs=("loss_at_end.parquet",),
     section=section_loss_at_end,
     builtin=False,
     compute=compute,
+    settings=SETTINGS,
 ))

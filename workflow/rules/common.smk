@@ -76,40 +76,54 @@ MEASURED_RUNS = {m.table: (lambda run, m=m: measured(m, run)) for m in PER_RUN.v
 FREEU = measurements.MEASUREMENTS["freeu"]
 
 
-def freeu_runs(study: str) -> list[RunKey]:
-    """Runs of a study that declares a FreeU (b, s) grid, on backbones that support FreeU."""
-    if "freeu_grid" not in CFG["studies"][study]:
+def measured_runs(study: str, m) -> list[RunKey]:
+    """Runs of a study that measurement m applies to; an evaluation-time grid (study_key, e.g. FreeU's (b, s))
+    only where the study declares its parameters."""
+    if m.study_key and m.study_key not in CFG["studies"][study]:
         return []
-    return [r for r in study_runs(CFG, study) if measured(FREEU, r)]
+    return [r for r in study_runs(CFG, study) if measured(m, r)]
 
 
-def freeu_table(study: str) -> str:
-    """A FreeU run's per-study table (the grid is a study setting, so the file is named after the study)."""
-    return FREEU.table.format(study=study)
+def per_run_file(study: str, m, index: int = 0) -> str:
+    """Measurement m's per-run output file name (a study-scoped grid's files are named after the study)."""
+    return m.outputs[index].format(study=study)
 
 
 def run_files(study: str, name: str) -> list[str]:
-    if name == freeu_table(study):
-        return [f"{R}/runs/{r.path}/{name}" for r in freeu_runs(study)]
-    keep = MEASURED_RUNS.get(name, lambda run: True)
-    return [f"{R}/runs/{r.path}/{name}" for r in study_runs(CFG, study) if keep(r)]
+    """Per-run files `name` of a study's runs: a measurement's output on the runs it applies to, or (train_log)
+    every run."""
+    for m in measurements.MEASUREMENTS.values():
+        if name in (per_run_file(study, m, i) for i in range(len(m.outputs))):
+            return [f"{R}/runs/{r.path}/{name}" for r in measured_runs(study, m)]
+    return [f"{R}/runs/{r.path}/{name}" for r in study_runs(CFG, study)]
 
 
 def study_tables(study: str) -> dict[str, str]:
     """The study-level tables its report needs (a table only when some run is measured)."""
     tables = {"psnr": "psnr", "train_log": "train_log", "counts": "counts"}
-    for table, m in PER_RUN.items():
-        if run_files(study, m.table):
-            tables[table] = table
-    if freeu_runs(study):
-        tables[FREEU.name] = FREEU.name
+    for name, m in measurements.MEASUREMENTS.items():
+        if measured_runs(study, m):
+            tables[name] = name
     return {k: f"{R}/studies/{study}/{v}.parquet" for k, v in tables.items()}
 
 
-# The aggregate_study rule's tables: every per-run measurement and the training log.
-AGGREGATED_TABLES = "|".join(["train_log", *PER_RUN])
+# The aggregate_study rule's tables: every measurement of the registry and the training log.
+AGGREGATED_TABLES = "|".join(["train_log", *measurements.MEASUREMENTS])
 # The generic `measure` rule's measurements (plugins); a pattern that matches nothing when there are none.
 PLUGIN_NAMES = "|".join(PLUGINS) or "(?!)"
+
+
+def aggregate_inputs(wc) -> list[str]:
+    m = measurements.MEASUREMENTS.get(wc.table)
+    return run_files(wc.study, per_run_file(wc.study, m) if m else f"{wc.table}.parquet")
+
+
+def settings_json(*section) -> str:
+    """A config section as the JSON a measurement command takes (--config); the schema filled its defaults."""
+    value = CFG
+    for key in section:
+        value = value[key]
+    return json.dumps(value, sort_keys=True)
 
 
 def resource(group: str, key: str, default):

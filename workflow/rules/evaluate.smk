@@ -8,10 +8,7 @@ rule psnr_gap:
     output:
         f"{RUN_DIR}/psnr.parquet",
     params:
-        k=CFG["evaluation"]["psnr"]["num_images"],
-        respacing=CFG["evaluation"]["psnr"]["respacing"],
-        noise_seed=CFG["evaluation"]["psnr"]["noise_seed"],
-        batch_size=CFG["evaluation"]["psnr"]["batch_size"],
+        cfg=settings_json("evaluation", "psnr"),
         device=CFG["device"],
     group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
@@ -24,12 +21,11 @@ rule psnr_gap:
     log:
         f"{LOGS}/psnr/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
-        "python -m diffbias psnr --model {input.model} --data {input.data} --out {output} "
-        "--num-images {params.k} --respacing {params.respacing} --noise-seed {params.noise_seed} "
-        "--batch-size {params.batch_size} --device {params.device} --threads {threads} > {log} 2>&1"
+        "python -m diffbias psnr --model {input.model} --data {input.data} --out {output} --config {params.cfg:q} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
-FID_CFG = CFG["evaluation"]["fid"]
+FID_CFG = settings_json("evaluation", "fid")
 
 
 # The reference set depends only on (dataset, N, seed): its Inception features are computed once here and
@@ -54,8 +50,7 @@ rule fid_reference:
         f"{LOGS}/fid_reference/{{dataset}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias fid-reference --data {input.data} --out {output} --n {wildcards.n} --seed {wildcards.seed} "
-        "--test-size {params.test_size} --reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--test-size {params.test_size} --config {params.fid:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule fid:
@@ -81,10 +76,8 @@ rule fid:
         f"{LOGS}/fid/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias fid --model {input.model} --data {input.data} --out {output.table} "
-        "--samples-out {output.samples} --num-samples {params.fid[num_samples]} --steps {params.fid[steps]} "
-        "--reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
-        "--sample-seed {params.fid[sample_seed]} --batch-size {params.fid[batch_size]} "
-        "--reference-features {input.reference} --device {params.device} --threads {threads} > {log} 2>&1"
+        "--samples-out {output.samples} --config {params.fid:q} --reference-features {input.reference} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule fid_curve:
@@ -109,11 +102,8 @@ rule fid_curve:
         f"{LOGS}/fid_curve/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias fid-curve --model {input.model} --snapshots {input.snapshots} --data {input.data} "
-        "--out {output} --num-samples {params.fid[num_samples]} --steps {params.fid[steps]} "
-        "--reference {params.fid[reference]} --max-reference {params.fid[max_reference]} "
-        "--sample-seed {params.fid[sample_seed]} --batch-size {params.fid[batch_size]} "
-        "--reference-features {input.reference} {params.final_fid} --device {params.device} --threads {threads} "
-        "> {log} 2>&1"
+        "--out {output} --config {params.fid:q} --reference-features {input.reference} {params.final_fid} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule gmm_masks:
@@ -136,8 +126,6 @@ rule gmm_masks:
         "--threads {threads} > {log} 2>&1"
 
 
-JAC_CFG = CFG["evaluation"]["jacobian"]
-ATT_CFG = CFG["evaluation"]["attention"]
 
 
 rule jacobian:
@@ -148,8 +136,7 @@ rule jacobian:
         table=f"{RUN_DIR}/jacobian.parquet",
         vectors=f"{RUN_DIR}/jacobian_vectors.npz",
     params:
-        t=" ".join(map(str, JAC_CFG["t"])),
-        cfg=JAC_CFG,
+        cfg=settings_json("evaluation", "jacobian"),
         device=CFG["device"],
     group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
@@ -163,11 +150,7 @@ rule jacobian:
         f"{LOGS}/jacobian/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias jacobian --model {input.model} --data {input.data} --out {output.table} "
-        "--vectors-out {output.vectors} --t {params.t} --num-images {params.cfg[num_images]} "
-        "--top-k {params.cfg[top_k]} --chunk-size {params.cfg[chunk_size]} --method {params.cfg[method]} "
-        "--block-size {params.cfg[block_size]} --max-products {params.cfg[max_products]} --tol {params.cfg[tol]} "
-        "--device {params.device} "
-        "--threads {threads} > {log} 2>&1"
+        "--vectors-out {output.vectors} --config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule attention:
@@ -178,8 +161,7 @@ rule attention:
         table=f"{RUN_DIR}/attention.parquet",
         maps=f"{RUN_DIR}/attention_maps.npz",
     params:
-        t=" ".join(map(str, ATT_CFG["t"])),
-        cfg=ATT_CFG,
+        cfg=settings_json("evaluation", "attention"),
         device=CFG["device"],
     group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
@@ -193,8 +175,7 @@ rule attention:
         f"{LOGS}/attention/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias attention --model {input.model} --data {input.data} --out {output.table} "
-        "--maps-out {output.maps} --t {params.t} --num-images {params.cfg[num_images]} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--maps-out {output.maps} --config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule freeu_grid:
@@ -205,9 +186,7 @@ rule freeu_grid:
         table=f"{RUN_DIR}/{FREEU.outputs[0]}",  # freeu-{study}.parquet (diffbias.measurements)
         samples=f"{RUN_DIR}/{FREEU.outputs[1]}",
     params:
-        g=lambda wc: CFG["studies"][wc.study]["freeu_grid"],
-        b=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["b"])),
-        s=lambda wc: " ".join(map(str, CFG["studies"][wc.study]["freeu_grid"]["s"])),
+        cfg=lambda wc: settings_json("studies", wc.study, FREEU.study_key),
         device=CFG["device"],
     group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
     threads: CFG["threads_per_job"]
@@ -221,9 +200,7 @@ rule freeu_grid:
         f"{LOGS}/freeu/{{study}}/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias freeu-grid --model {input.model} --data {input.data} --out {output.table} "
-        "--samples-out {output.samples} --b {params.b} --s {params.s} --tau {params.g[tau]} "
-        "--num-samples {params.g[num_samples]} --max-reference {params.g[max_reference]} --steps {params.g[steps]} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--samples-out {output.samples} --config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 # A registered plugin measurement (diffbias.measurements, docs/adding-a-measurement.md): its resolved config
@@ -254,30 +231,15 @@ rule measure:
         "--config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
-rule aggregate_freeu:
-    input:
-        lambda wc: run_files(wc.study, freeu_table(wc.study)),
-    output:
-        f"{R}/studies/{{study}}/{FREEU.name}.parquet",
-    params:
-        study=study_json,
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/aggregate/{{study}}/freeu.log",
-    shell:
-        "python -m diffbias aggregate --study {params.study:q} --out {output} {input} > {log} 2>&1"
-
-
 rule aggregate_study:
     input:
-        lambda wc: run_files(wc.study, f"{wc.table}.parquet"),
+        aggregate_inputs,
     output:
         f"{R}/studies/{{study}}/{{table}}.parquet",
     params:
         study=study_json,
     wildcard_constraints:
-        table=AGGREGATED_TABLES,  # the registry's per-run measurements (diffbias.measurements)
+        table=AGGREGATED_TABLES,  # the registry's measurements (diffbias.measurements) and the training log
     conda:
         "../envs/diffbias.yaml"
     log:

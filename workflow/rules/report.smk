@@ -2,7 +2,6 @@
 
 localrules:
     aggregate_study,
-    aggregate_freeu,
     counts,
     report,
 

@@ -5,8 +5,11 @@ estimate x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (the VP invers
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the seed's eq. 3 writes it for a variance-exploding
 parameterisation), then PSNR = 10 log10(M^2 / mean_k MSE_k) with M = 2 for data in [-1, 1]: the MSE is
 averaged over the K images first, as the seed says (Kadkhodaie et al. average per-image PSNRs instead).
-x0_hat is clipped to the data range [-1, 1], as the DiT/ADM samplers clip it (clip_denoised); without
-it the estimate divides by sqrt(abar_t) ~ 0.006 near t = T and the PSNR there measures only that blow-up.
+x0_hat is not clipped by default, as in the seed's eq. 3 and Kadkhodaie et al.; ``clip=True``
+(config ``evaluation.psnr.clip``) clips it to the data range [-1, 1] as the DiT/ADM samplers do
+(clip_denoised): near t = T the estimate divides by sqrt(abar_t) ~ 0.006 and the unclipped PSNR there
+mostly measures that blow-up, for train and test alike. The table records which was used (x0_clipped).
+A class-conditional model gets each image's own label (``labels``).
 Gap = max(PSNR_train - PSNR_test, 0). The noise depends only on ``noise_seed``, K and the image shape,
 so every model sees the same noisy inputs (paired comparison).
 """
@@ -30,7 +33,7 @@ def psnr_from_mse(mse: float | np.ndarray, data_range: float = DATA_RANGE) -> fl
 
 @torch.no_grad()
 def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: int = 0, batch_size: int = 256,
-               labels: torch.Tensor | None = None) -> pd.DataFrame:
+               labels: torch.Tensor | None = None, clip: bool = False) -> pd.DataFrame:
     """PSNR of one-step denoising at each respaced step. images: (K, C, H, W) in [-1, 1].
 
     Returns rows (step index in the respaced chain, original timestep t, mse, psnr).
@@ -54,7 +57,9 @@ def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: 
             y = None if labels is None else labels[s : s + batch_size].to(device)
             out = model(xt, t, y)
             eps_hat = out[:, : x0.shape[1]]
-            x0_hat = ((xt - sq1m * eps_hat) / sq).clamp(-1.0, 1.0)
+            x0_hat = (xt - sq1m * eps_hat) / sq
+            if clip:
+                x0_hat = x0_hat.clamp(-1.0, 1.0)
             se[s : s + batch_size] = ((x0_hat - x0) ** 2).flatten(1).mean(1).double().cpu()
         mse = float(se.mean())
         rows.append({"step": i, "t": t_orig, "mse": mse, "psnr": float(psnr_from_mse(mse))})
@@ -62,10 +67,13 @@ def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: 
 
 
 def psnr_gap(model, train_images: torch.Tensor, test_images: torch.Tensor, *, respacing: int = 50, noise_seed: int = 0,
-             batch_size: int = 256) -> pd.DataFrame:
+             batch_size: int = 256, train_labels: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
+             clip: bool = False) -> pd.DataFrame:
     """Columns: step, t, psnr_train, psnr_test, gap (= max(train - test, 0))."""
-    tr = psnr_curve(model, train_images, respacing=respacing, noise_seed=noise_seed, batch_size=batch_size)
-    te = psnr_curve(model, test_images, respacing=respacing, noise_seed=noise_seed + 1, batch_size=batch_size)
+    tr = psnr_curve(model, train_images, respacing=respacing, noise_seed=noise_seed, batch_size=batch_size,
+                    labels=train_labels, clip=clip)
+    te = psnr_curve(model, test_images, respacing=respacing, noise_seed=noise_seed + 1, batch_size=batch_size,
+                    labels=test_labels, clip=clip)
     df = pd.DataFrame({"step": tr["step"], "t": tr["t"], "psnr_train": tr["psnr"], "psnr_test": te["psnr"]})
     df["gap"] = (df["psnr_train"] - df["psnr_test"]).clip(lower=0.0)
     return df
