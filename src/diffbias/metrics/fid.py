@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..device import limit_cpu_threads
+
 __all__ = [
     "ENV_WEIGHTS",
     "WEIGHTS_FILENAME",
@@ -46,7 +48,6 @@ __all__ = [
     "build_fid_weights",
     "compute_image_metrics",
     "save_image_folder",
-    "limit_cpu_threads",
 ]
 
 ENV_WEIGHTS = "DIFFBIAS_FID_WEIGHTS"
@@ -379,76 +380,6 @@ def build_fid_weights(
     return path
 
 
-# --------------------------------------------------------------------------- threads
-
-_OPENBLAS_GET_SET = (
-    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-    ("openblas_get_num_threads", "openblas_set_num_threads"),
-)
-
-
-def _loaded_openblas_controls() -> list[tuple[Any, Any]]:
-    """(get, set) thread-count functions of every OpenBLAS already loaded in this
-    process (numpy and scipy each bundle one).  Linux only; [] elsewhere."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1]}
-    except OSError:
-        return []
-    out = []
-    for path in sorted(paths):
-        if not os.path.isfile(path):
-            continue
-        try:
-            lib = ctypes.CDLL(path)  # already loaded: just a new handle
-        except OSError:
-            continue
-        for get_name, set_name in _OPENBLAS_GET_SET:
-            get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
-            if get is not None and set_ is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                out.append((get, set_))
-                break
-    return out
-
-
-@contextlib.contextmanager
-def limit_cpu_threads(n: int | None):
-    """Temporarily use ``n`` CPU threads for torch (intra-op) and for numpy/scipy's
-    OpenBLAS; ``None`` changes nothing.
-
-    On small shared CPU boxes this matters a lot: with other jobs running, 2 spinning
-    OpenBLAS threads made torch-fidelity's FID step (``numpy.linalg.eigvals`` of a
-    2048x2048 matrix) take 30-45 s instead of 4-6 s with 1 thread, and Inception ran
-    about 2x faster with 1 torch thread.
-    """
-    if n is None:
-        yield
-        return
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
-    import numpy  # noqa: F401  (make sure numpy's OpenBLAS is loaded)
-
-    prev_torch = torch.get_num_threads()
-    saved = []
-    for get, set_ in _loaded_openblas_controls():
-        saved.append((set_, int(get())))
-        set_(n)
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev_torch)
-        for set_, old in saved:
-            set_(old)
-
-
 # --------------------------------------------------------------------------- metrics
 
 
@@ -538,7 +469,7 @@ def compute_image_metrics(
     weights have none, and the score is never approximated.
 
     ``cpu_threads`` (default: leave as is) limits torch and OpenBLAS threads during
-    the call, see :func:`limit_cpu_threads`; 1 is much faster on a busy 2-core box.
+    the call, see :func:`diffbias.device.limit_cpu_threads`; 1 is much faster on a busy 2-core box.
     Scoring many sample sets against one reference: compute the reference's
     :func:`inception_features` once and use :func:`metrics_from_features`.
     KID uses 100 subsets of ``kid_subset_size_for(n, m)`` (half the smaller set, at
