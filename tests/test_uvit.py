@@ -202,7 +202,7 @@ def test_freeu_backbone_scaling_and_extra_tokens_untouched():
 
 
 def test_gmm_mask_summary_table_and_centre_maps():
-    from diffbias.metrics.attention_maps import gmm_mask_summary, plot_gmm_masks
+    from diffbias.metrics.gmm_masks import gmm_mask_summary, plot_gmm_masks
 
     torch.manual_seed(0)
     model = build_model(preset="UViT-T/2-GMM", input_size=16, in_channels=1, num_classes=0)

@@ -264,7 +264,7 @@ def cmd_pca_basis(args) -> None:
     """Seed 004 appendix C: principal components of a trained baseline's attention maps."""
     from . import data as data_lib
     from .io import provenance, save_torch
-    from .metrics.attention_maps import collect_pca_basis
+    from .pca_basis import collect_pca_basis
     from .train import load_trained, resolve_device
 
     _threads(args.threads)
@@ -364,7 +364,7 @@ def cmd_gmm_masks(args) -> None:
     import numpy as np
 
     from .io import atomic_path, provenance, write_parquet
-    from .metrics.attention_maps import gmm_mask_summary
+    from .metrics.gmm_masks import gmm_mask_summary
     from .train import load_trained
 
     _threads(args.threads)
