@@ -145,13 +145,13 @@ def test_gradients_reach_alpha_and_sigma_and_masks_exported():
 
 def test_gmm_flop_handle_counts_matmuls_and_mask():
     fvcore = pytest.importorskip("fvcore.nn")
-    from diffbias.metrics.flops import EXTRA_HANDLES
+    from diffbias.metrics.flops import flop_handles
 
     model = tiny(gmm=True).eval()
     x, t, _ = inputs(1)
     with flop_counting():
         fa = fvcore.FlopCountAnalysis(model, (x, t))
-        fa.set_op_handle(**EXTRA_HANDLES)
+        fa.set_op_handle(**flop_handles())
         fa.unsupported_ops_warnings(False)
         fa.uncalled_modules_warnings(False)
         counted = fa.by_operator()["gmm_attention"]
