@@ -12,12 +12,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 from diffbias import data as data_lib
 from diffbias.config import RunKey, load_config, run_spec
 from diffbias.data import prepare_dataset
+from diffbias.device import set_threads
 from diffbias.metrics.psnr import psnr_gap
 from diffbias.train import Trainer, load_trained
 
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = load_config(args.config)
     steps = sorted(int(s) for s in args.steps.split(","))
     for item in args.set:

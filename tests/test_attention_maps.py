@@ -7,17 +7,16 @@ from diffbias.io import write_parquet
 from diffbias.metrics.attention_maps import (
     attention_analysis,
     attention_maps,
-    collect_pca_basis,
     infer_grid,
     locality_metrics,
     normalise_for_display,
     plot_attention_maps,
     recording_attention,
-    streaming_pca,
 )
 from diffbias.models.attention import neighborhood_mask
 from diffbias.models.dit import PCAAttention
 from diffbias.models.registry import build_model
+from diffbias.pca_basis import collect_pca_basis, streaming_pca
 
 GRID = (4, 4)
 L = 16

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import stat
 import struct
 
 import numpy as np
@@ -337,6 +338,19 @@ def test_prepare_round_trip_and_atomic(tmp_path, fmnist_dir):
     assert meta["source"] == "fashion_mnist" and meta["path"] == str(d)
     assert (meta["resolution"], meta["channels"], meta["count"]) == (16, 1, 6)
     json.dumps(meta)
+
+
+def test_prepared_cache_has_a_normal_file_mode(tmp_path):
+    # The cache used to come out 0600 (mkstemp's mode); like every other output it gets 0666 less the umask.
+    np.savez(tmp_path / "src.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    out = tmp_path / "out" / "p.npz"
+    prepare_dataset({"source": "npz", "path": str(tmp_path / "src.npz"), "resolution": 4, "channels": 3}, str(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(out.stat().st_mode) & 0o600 == 0o600
+    if umask == 0o022:  # the usual umask: group and others may read it, as every other output
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
 def test_prepare_unlabelled_and_failed_write(tmp_path, monkeypatch):

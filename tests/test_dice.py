@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffbias.metrics.flops import EXTRA_HANDLES
+from diffbias.metrics.flops import flop_handles
 from diffbias.models import BACKBONES, PRESETS, build_model
 from diffbias.models.dice import (
     SIGNAL_OPS_PER_ELEMENT,
@@ -275,12 +275,13 @@ def test_gradients_reach_every_parameter(preset):
 def test_flop_handle_counts_signal_function():
     from fvcore.nn import FlopCountAnalysis
 
-    assert "diffbias::dice_signal" in EXTRA_HANDLES
+    handles = flop_handles()
+    assert handles["diffbias::dice_signal"] is BACKBONES["dice"].flop_handles["diffbias::dice_signal"]
     x, t, _ = inputs(batch=1)
     counts = {}
     for preset in ("DICE-T", "DICE-T-nohands"):
         model = tiny(preset).eval()
-        flops = FlopCountAnalysis(model, (x, t)).set_op_handle(**EXTRA_HANDLES)
+        flops = FlopCountAnalysis(model, (x, t)).set_op_handle(**handles)
         flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         counts[preset] = flops.by_operator()
     # blocks: 6 at 32 x 16 x 16, 2 at 64 x 8 x 8, 1 at 96 x 4 x 4

@@ -12,6 +12,7 @@ from diffbias.diffusion import (
     discretized_gaussian_log_likelihood,
     linear_betas,
     normal_kl,
+    q_sample,
     space_timesteps,
 )
 
@@ -121,6 +122,25 @@ def test_posterior_matches_bayes_rule():
     torch.testing.assert_close(mean0, x0.float())
     assert torch.all(var0 == 0)
     assert torch.allclose(log_var0, torch.tensor(math.log(d.posterior_variance[1]), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("respacing", [None, 50])
+def test_q_sample_is_bit_identical_to_the_schedule_tables(respacing):
+    # Training noises through diffusion.q_sample; it must give exactly what the precomputed float64 square-root
+    # tables gave (gathered to float32), and the one-level form (PSNR, Jacobians, attention maps) the same numbers.
+    d = create_diffusion(respacing)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(d.num_timesteps, 3, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.arange(d.num_timesteps)
+    tables = (torch.as_tensor(d.sqrt_alphas_cumprod, dtype=torch.float32)[:, None, None, None] * x0
+              + torch.as_tensor(d.sqrt_one_minus_alphas_cumprod, dtype=torch.float32)[:, None, None, None] * eps)
+    assert torch.equal(d.q_sample(x0, t, eps), tables)
+    one_level = torch.stack([q_sample(x0[i], float(d.alphas_cumprod[i]), eps[i]) for i in range(len(t))])
+    assert torch.equal(one_level, tables)
+    i = d.num_timesteps // 2
+    abar = float(d.alphas_cumprod[i])
+    assert torch.equal(q_sample(x0[i], abar, eps[i]), math.sqrt(abar) * x0[i] + math.sqrt(1.0 - abar) * eps[i])
 
 
 def test_predict_xstart_from_eps_inverts_q_sample():

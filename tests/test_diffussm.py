@@ -4,7 +4,7 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from diffbias.metrics.flops import EXTRA_HANDLES
+from diffbias.metrics.flops import flop_handles
 from diffbias.models import PRESETS, build_model
 from diffbias.models import diffussm as ds
 
@@ -112,7 +112,7 @@ def test_linear_params_per_block(m):
 
 
 def _count(block, d, L, m):
-    fa = FlopCountAnalysis(block, (torch.randn(1, L // m, d), torch.randn(1, d))).set_op_handle(**EXTRA_HANDLES)
+    fa = FlopCountAnalysis(block, (torch.randn(1, L // m, d), torch.randn(1, d))).set_op_handle(**flop_handles())
     fa.unsupported_ops_warnings(False)
     fa.uncalled_modules_warnings(False)
     return fa

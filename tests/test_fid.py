@@ -18,10 +18,11 @@ import torch
 pytest.importorskip("torch_fidelity")
 pytest.importorskip("PIL")
 
-from diffbias.metrics import fid  # noqa: E402
+from diffbias.device import limit_cpu_threads  # noqa: E402
+from diffbias.metrics import fid, inception_weights  # noqa: E402
 
 try:
-    fid._source_torchscript_path()
+    inception_weights._source_torchscript_path()
     HAVE_SOURCE = True
 except RuntimeError:
     HAVE_SOURCE = False
@@ -35,7 +36,7 @@ N = 20
 def _one_cpu_thread():
     # The CPU boxes are 2 shared cores: with other jobs running, 2 spinning threads
     # make Inception ~2x and torch-fidelity's FID eigvals step ~5x slower than 1 thread.
-    with fid.limit_cpu_threads(1):
+    with limit_cpu_threads(1):
         yield
 
 
@@ -70,9 +71,9 @@ def _grey_checkerboards(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fidw") / fid.WEIGHTS_FILENAME
+    path = tmp_path_factory.mktemp("fidw") / inception_weights.WEIGHTS_FILENAME
     t0 = time.perf_counter()
-    out = fid.build_fid_weights(path, verify=True, atol=1e-4)
+    out = inception_weights.build_fid_weights(path, verify=True, atol=1e-4)
     return out, time.perf_counter() - t0
 
 
@@ -92,13 +93,13 @@ def harness_result(built, images):
 
 
 def test_default_weights_path(monkeypatch, tmp_path):
-    monkeypatch.delenv(fid.ENV_WEIGHTS, raising=False)
-    p = fid.default_weights_path()
-    assert p.name == fid.WEIGHTS_FILENAME
+    monkeypatch.delenv(inception_weights.ENV_WEIGHTS, raising=False)
+    p = inception_weights.default_weights_path()
+    assert p.name == inception_weights.WEIGHTS_FILENAME
     assert p.parent.name == "fid" and p.parent.parent.name == ".cache"
     assert (p.parents[2] / "src" / "diffbias").is_dir()
-    monkeypatch.setenv(fid.ENV_WEIGHTS, str(tmp_path / "w.pth"))
-    assert fid.default_weights_path() == tmp_path / "w.pth"
+    monkeypatch.setenv(inception_weights.ENV_WEIGHTS, str(tmp_path / "w.pth"))
+    assert inception_weights.default_weights_path() == tmp_path / "w.pth"
 
 
 @needs_source
@@ -107,17 +108,17 @@ def test_build_verifies_and_is_idempotent(built):
     assert path.is_file()
     info = json.loads(path.with_name(path.name + ".ok").read_text())
     assert info["verified_max_abs_diff"] < 1e-4
-    assert info["source_sha1"] == fid._SOURCE_SHA1
+    assert info["source_sha1"] == inception_weights._SOURCE_SHA1
 
     # strict load by torch-fidelity; classifier is NaN (no logits offline)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     assert len([k for k in sd if k.endswith(".conv.weight")]) == 94
     assert torch.isnan(sd["fc.weight"]).all()
-    assert not fid._has_classifier(path)
+    assert not inception_weights.has_classifier(path)
 
     mtime = path.stat().st_mtime_ns
     t0 = time.perf_counter()
-    again = fid.build_fid_weights(path)
+    again = inception_weights.build_fid_weights(path)
     dt = time.perf_counter() - t0
     assert again == path
     assert path.stat().st_mtime_ns == mtime
@@ -133,7 +134,7 @@ def test_existing_bad_weights_raise(built, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save(sd, bad)
     with pytest.raises(RuntimeError, match="do not match"):
-        fid.build_fid_weights(bad)
+        inception_weights.build_fid_weights(bad)
     assert not bad.with_name(bad.name + ".ok").exists()
 
 
@@ -198,16 +199,6 @@ def test_self_fid_is_zero_and_grey_is_replicated(built, images):
     assert res["precision"] == 1.0 and res["recall"] == 1.0
     assert res["inception_score"] is None
     assert res["num_samples"] == 8 and res["num_reference"] == 8
-
-
-def test_limit_cpu_threads_restores():
-    before = torch.get_num_threads()
-    blas_before = [get() for get, _ in fid._loaded_openblas_controls()]
-    with fid.limit_cpu_threads(1):
-        assert torch.get_num_threads() == 1
-        assert all(get() == 1 for get, _ in fid._loaded_openblas_controls())
-    assert torch.get_num_threads() == before
-    assert [get() for get, _ in fid._loaded_openblas_controls()] == blas_before
 
 
 def test_input_validation(tmp_path):

@@ -303,3 +303,59 @@ def test_published_counts_only_for_the_published_model():
             "114.46 GFLOPs (ours 114.46), 0.68 G mult-adds [torchinfo-mult-adds] (ours 0.68)") in line
     # options that went through JSON (lists for tuples) still name the published model
     assert published_counts("DICE-XL", {"width": 1152, "depths": [6, 2, 1]})[0]["params"] == 178_425_240
+
+
+# ---------------------------------------------------------------------------------------------- layering
+
+
+def test_models_never_import_metrics():
+    """Backbones declare what their operators cost (``flop_handles``); they do not import diffbias.metrics."""
+    import ast
+    import pathlib
+
+    import diffbias.models
+
+    offenders = []
+    for path in sorted(pathlib.Path(diffbias.models.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                # relative imports resolve against diffbias.models: level 1 -> .x, level 2 -> ..x (diffbias.x)
+                module = node.module or ""
+                target = module if node.level == 0 else {1: "diffbias.models.", 2: "diffbias."}.get(node.level, "?") + module
+                names = [target + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n == "diffbias.metrics" or n.startswith("diffbias.metrics.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"models/ imports diffbias.metrics at {offenders}"
+
+
+def test_flop_handles_collects_every_backbone_declaration():
+    from diffbias.metrics.flops import flop_handles
+    from diffbias.models import BACKBONES
+
+    handles = flop_handles()
+    declared = {op: h for cls in BACKBONES.values() for op, h in (getattr(cls, "flop_handles", None) or {}).items()}
+    assert {"diffbias::dice_signal", "diffbias::gmm_attention", "aten::fft_rfft", "aten::fft_irfft"} <= set(declared)
+    for op, handle in declared.items():
+        assert handles[op] is handle
+    for op, handle in EXTRA_HANDLES.items():
+        assert handles[op] is handle
+
+
+def test_two_handles_for_one_operator_raise():
+    from diffbias.metrics.flops import flop_handles
+    from diffbias.models import BACKBONES
+
+    class Impostor(nn.Module):
+        flop_handles = {"diffbias::dice_signal": lambda inputs, outputs: 0}
+
+    BACKBONES["zz-impostor"] = Impostor
+    try:
+        with pytest.raises(ValueError, match="dice_signal"):
+            flop_handles()
+    finally:
+        del BACKBONES["zz-impostor"]
+    flop_handles()  # consistent again

@@ -145,13 +145,13 @@ def test_gradients_reach_alpha_and_sigma_and_masks_exported():
 
 def test_gmm_flop_handle_counts_matmuls_and_mask():
     fvcore = pytest.importorskip("fvcore.nn")
-    from diffbias.metrics.flops import EXTRA_HANDLES
+    from diffbias.metrics.flops import flop_handles
 
     model = tiny(gmm=True).eval()
     x, t, _ = inputs(1)
     with flop_counting():
         fa = fvcore.FlopCountAnalysis(model, (x, t))
-        fa.set_op_handle(**EXTRA_HANDLES)
+        fa.set_op_handle(**flop_handles())
         fa.unsupported_ops_warnings(False)
         fa.uncalled_modules_warnings(False)
         counted = fa.by_operator()["gmm_attention"]
@@ -202,7 +202,7 @@ def test_freeu_backbone_scaling_and_extra_tokens_untouched():
 
 
 def test_gmm_mask_summary_table_and_centre_maps():
-    from diffbias.metrics.attention_maps import gmm_mask_summary, plot_gmm_masks
+    from diffbias.metrics.gmm_masks import gmm_mask_summary, plot_gmm_masks
 
     torch.manual_seed(0)
     model = build_model(preset="UViT-T/2-GMM", input_size=16, in_channels=1, num_classes=0)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import io as io_lib
+from .device import resolve_device, set_threads
 from .metrics.memory import peak_memory_mb, reset_peak_memory
 from .models import attention as attention_lib
 
@@ -90,12 +91,6 @@ class BenchmarkSettings:
         return dataclasses.asdict(self)
 
 
-def resolve_device(device: str | None = None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def tiny_presets() -> tuple[str, ...]:
     from .models import PRESETS
 
@@ -110,7 +105,7 @@ def full_presets() -> tuple[str, ...]:
 
 def settings_for(size: str = "tiny", device: str | None = None, **overrides: Any) -> BenchmarkSettings:
     """The settings of a size on a device; ``overrides`` (any field, None = keep) win."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # a string: settings and tables record it
     gpu = device.startswith("cuda")
     if size == "tiny":
         s = BenchmarkSettings(size="tiny", device=device, presets=tiny_presets())
@@ -194,7 +189,7 @@ def attention_benchmark(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Forward + backward time of one attention call, local (per window and impl) against global."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # a string: settings and tables record it
     rows = []
     for grid in grids:
         L = grid * grid
@@ -290,7 +285,7 @@ def training_benchmark(
     from .metrics.flops import count_parameters
     from .train import diffusion_loss, ema_update, make_optimizer
 
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # a string: settings and tables record it
     diffusion = create_diffusion(None)
     rows = []
     for preset in presets:
@@ -350,7 +345,7 @@ def sampling_benchmark(
     forward pass)."""
     from .diffusion import create_diffusion
 
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # a string: settings and tables record it
     diffusion = create_diffusion(steps)
     rows = []
     for preset in presets:
@@ -502,8 +497,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     settings = settings_for(size, device, **args)
     if threads is None and size == "tiny" and settings.device == "cpu":
         threads = 1
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     results = run_benchmark(settings, out)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_rows", 200):
         for name, df in results.items():

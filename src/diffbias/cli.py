@@ -13,10 +13,9 @@ from pathlib import Path
 
 
 def _threads(n: int | None) -> None:
-    if n:
-        import torch
+    from .device import set_threads
 
-        torch.set_num_threads(n)
+    set_threads(n)
 
 
 def cmd_validate(args) -> None:
@@ -126,7 +125,7 @@ def cmd_fid_reference(args) -> None:
     from . import data as data_lib
     from .metrics.fid import inception_features
     from .runs import reference_indices
-    from .train import resolve_device
+    from .device import resolve_device
 
     _threads(args.threads)
     cfg = _settings(args, "evaluation", "fid")
@@ -238,7 +237,7 @@ def cmd_fid_curve(args) -> None:
 def cmd_pca_basis(args) -> None:
     """Seed 004 appendix C: principal components of a trained baseline's attention maps."""
     from .io import provenance, save_torch
-    from .metrics.attention_maps import collect_pca_basis
+    from .pca_basis import collect_pca_basis
 
     req = json.loads(args.spec)
     trained = _load_run(args)
@@ -310,7 +309,7 @@ def cmd_attention(args) -> None:
 def cmd_gmm_masks(args) -> None:
     """Seed 000 appendix: the learned Gaussian-mixture masks per head and block of a trained U-ViT."""
     from .io import provenance, write_parquet
-    from .metrics.attention_maps import gmm_mask_summary
+    from .metrics.gmm_masks import gmm_mask_summary
     from .train import load_trained
 
     _threads(args.threads)

@@ -45,13 +45,14 @@ import pickle
 import re
 import struct
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .io import atomic_path
 
 __all__ = [
     "SOURCES",
@@ -660,8 +661,8 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     drawn later from this capped pool) and ``loader_kwargs`` (optional dict for the loader). Other keys
     are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has
     none) and ``meta`` (a JSON string: source, path, resolution, channels, count, ...). It is written to
-    a temporary file in the same directory and moved into place with ``os.replace``, so readers never
-    see a partial file.
+    a temporary file in the same directory and moved into place (:func:`diffbias.io.atomic_path`), so
+    readers never see a partial file; it gets a normal file's mode, like every other output.
     """
     missing = [k for k in ("source", "resolution", "channels") if k not in spec]
     if missing:
@@ -692,19 +693,9 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     }
     if not has_labels:
         labels = np.full(len(images), -1, dtype=np.int64)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix="." + os.path.basename(out_path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
             np.savez(f, images=images, labels=labels, meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_prepared(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "q_sample",
     "linear_betas",
     "space_timesteps",
     "GaussianDiffusion",
@@ -143,6 +144,30 @@ def _extract(arr: np.ndarray, t: Tensor, shape: torch.Size | tuple[int, ...]) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# The forward process
+# --------------------------------------------------------------------------------------------------
+
+
+def q_sample(x0: Tensor, abar: float | np.ndarray, noise: Tensor) -> Tensor:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: the forward process at noise level abar (alpha-bar_t).
+
+    The one place this formula is written (training, PSNR, Jacobians, attention maps and the PCA basis
+    all noise through it). ``abar``: one float for the whole batch (the square roots are Python floats),
+    or a float64 array (B,) with one level per sample (square roots in float64, then float32 tensors
+    broadcast over x0's trailing dimensions, as :func:`_extract` gathers schedule values).
+    """
+    if isinstance(abar, (int, float)):  # np.float64 is a float
+        return math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * noise
+    abar = np.asarray(abar, dtype=np.float64)
+
+    def per_sample(values: np.ndarray) -> Tensor:
+        coef = torch.as_tensor(values, dtype=torch.float32, device=x0.device)
+        return coef.reshape(coef.shape + (1,) * (x0.ndim - coef.ndim))
+
+    return per_sample(np.sqrt(abar)) * x0 + per_sample(np.sqrt(1.0 - abar)) * noise
+
+
+# --------------------------------------------------------------------------------------------------
 # The diffusion
 # --------------------------------------------------------------------------------------------------
 
@@ -206,9 +231,8 @@ class GaussianDiffusion:
     # -- forward process ---------------------------------------------------------------------------
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Sample x_t ~ q(x_t | x0) with the given noise."""
-        return (_extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+        """Sample x_t ~ q(x_t | x0) with the given noise; t: (B,) respaced indices."""
+        return q_sample(x0, self.alphas_cumprod[t.detach().cpu().numpy()], noise)
 
     def q_posterior_mean_variance(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x0)."""

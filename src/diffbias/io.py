@@ -26,13 +26,20 @@ PROVENANCE_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "sn
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's directory; rename it onto ``path`` only on success."""
+    """Yield a temporary path in the target's directory; rename it onto ``path`` only on success.
+
+    The one atomic write of the project: the caller writes the temporary file (by name, or by opening it), then
+    it is fsync'ed, given a normal file's mode (0666 less the umask, not mkstemp's 0600) and renamed onto
+    ``path``; on any error it is removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data reach the disk before the rename makes them the result
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the permissions of a normal file
         os.replace(tmp, path)
     except BaseException:
@@ -73,12 +80,10 @@ def save_torch_checked(obj: Any, path: str | Path) -> None:
     torch.save(obj, buf)
     data = buf.getbuffer()
     digest = hashlib.sha256(data).hexdigest().encode()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # fsync'ed by atomic_path
         with open(tmp, "wb") as f:
             f.write(data)
             f.write(_CHECKSUM_TAG + digest + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def load_torch_checked(path: str | Path, map_location=None) -> Any:

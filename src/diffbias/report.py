@@ -306,7 +306,7 @@ def section_gmm_masks(ctx: dict) -> None:
     """Seed 000 appendix: the learned Gaussian-mixture masks per head and block (centre token's row)."""
     import numpy as np
 
-    from .metrics.attention_maps import plot_gmm_masks
+    from .metrics.gmm_masks import plot_gmm_masks
 
     gmm = ctx.get("gmm_masks")
     if gmm is None or gmm.empty:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .train import load_trained, resolve_device
+from .device import resolve_device
+from .train import load_trained
 
 
 def reference_indices(pool_size: int, n: int, test_size: int, seed: int, which: str, max_reference: int) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 
 from . import data as data_lib
 from .config import spec_hash
+from .device import resolve_device  # defined in device.py; cli.py and older callers import it from here
 from .diffusion import create_diffusion
 from .io import CorruptFileError, load_torch_checked, provenance, save_torch, save_torch_checked, write_json, write_parquet
 from .metrics.memory import peak_memory_mb, reset_peak_memory
@@ -47,12 +48,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TimeBudgetReached(RuntimeError):
     pass
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build_from_spec(spec: dict, in_channels: int, input_size: int, num_classes: int = 0) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Attention maps: recording, locality metrics, figures and the PCA basis (seed 004 sec. 2.3, app. B, C).
+"""Attention maps: recording, locality metrics and figures (seed 004 sec. 2.3, app. B).
 
 Recording. Every module that computes softmax attention inherits ``layers.RecordsAttention``; with
 ``record_attention`` set it stores its (B, heads, Lq, Lk) map softmax(QK^T / sqrt(d)) (eq. 5), after any
@@ -8,22 +8,15 @@ parameters is called, and recorded, once per use). "Layer" below means the 1-bas
 order.
 
 Timesteps. ``attention_maps``/``attention_analysis`` take *original* timesteps t in [0, 1000) (what the
-model sees); :func:`collect_pca_basis` takes *respaced* step indices (seed 004 app. C: steps 10, 25, 40
-of 50) and maps them to original timesteps through the respaced diffusion's ``timestep_map``.
+model sees).
 
 Tokens. Maps may carry leading extra tokens (U-ViT's time/label tokens): a map with L = extra + H*W
 tokens is split by :func:`infer_grid`; locality metrics and insets use only the H*W patch tokens
 (attention paid to extra tokens counts as mass outside every radius and adds no distance).
 
-PCA basis (app. C). The seed composes an attention map as ``coefficients x PCs + delta`` with
-delta = 1/L and says delta "ensures that the attention weights of a token sum to 1". Every recorded row
-sums to 1, so the mean map's rows sum to 1 and the rows of every *centred* map sum to 0; the principal
-components of the centred maps lie in the span of the centred maps, so their rows sum to 0 as well.
-Then each composed row sums to 0 + L * (1/L) = 1 whatever the coefficients: this is why delta works,
-and why the PCA is taken on centred maps (``torch.pca_lowrank(center=True)``). Uncentred components
-would not have zero row sums and the composed rows would not sum to 1. (The mean map itself is not
-kept: the uniform map delta stands in for it, and the learned coefficients absorb the difference as far
-as the components span it.)
+Elsewhere. The PCA basis of these maps (seed 004 app. C, an input to training) is built by
+:mod:`diffbias.pca_basis` with the recording here; the learned U-ViT Gaussian-mixture masks are
+summarised by :mod:`diffbias.metrics.gmm_masks`.
 """
 
 from __future__ import annotations
@@ -38,7 +31,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..diffusion import create_diffusion
+from ..diffusion import create_diffusion, q_sample
 from ..models.layers import RecordsAttention
 
 __all__ = [
@@ -49,7 +42,6 @@ __all__ = [
     "locality_metrics",
     "attention_analysis",
     "plot_attention_maps",
-    "collect_pca_basis",
 ]
 
 _UNSET = object()
@@ -279,7 +271,7 @@ def attention_analysis(
         grids: dict[int, tuple[int, int]] = {}
         for s in range(0, N, batch_size):
             sl = slice(s, s + batch_size)
-            x_t = (math.sqrt(abar) * images[sl] + math.sqrt(1.0 - abar) * noise[sl]).to(device)
+            x_t = q_sample(images[sl], abar, noise[sl]).to(device)
             n = x_t.shape[0]
 
             def on_map(layer: int, amap: Tensor) -> None:
@@ -370,260 +362,3 @@ def plot_attention_maps(
 
         save_figure(fig, path)
     return fig
-
-
-# ----------------------------------------------------------------------------------------------------
-# PCA basis (seed 004 appendix C)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _orth(a: Tensor) -> Tensor:
-    return torch.linalg.qr(a, mode="reduced")[0]
-
-
-def streaming_pca(
-    passes: Callable[[], Iterator[dict[int, Tensor]]],
-    num_components: int,
-    *,
-    niter: int = 2,
-    oversample: int = 10,
-    seed: int = 0,
-) -> dict[int, tuple[Tensor, Tensor]]:
-    """Randomised PCA of centred data that never holds the data matrix (Halko, Martinsson & Tropp 2011).
-
-    ``passes()`` must yield, each time it is called, the same sequence of dicts key -> row chunk (n_b, F)
-    (several data matrices, e.g. one per layer, share the passes). It is called 2 * niter + 2 times.
-    With A_c = A - 1 mu^T (mu the column mean): Q = orth(A_c Omega) for a Gaussian Omega (F, p),
-    p = q + oversample; niter power iterations Q <- orth(A_c orth(A_c^T Q)); then the thin SVD of
-    A_c^T Q gives the leading right singular vectors. Centring is applied implicitly
-    (A_c X = A X - 1 (mu^T X)), so the first pass can collect A Omega and mu together.
-    Returns key -> (V (F, q) principal directions as columns, S (q,) singular values), as
-    ``torch.pca_lowrank(A, q, center=True)`` returns V and S.
-    """
-    keys: list[int] | None = None
-    n_rows: dict[int, int] = {}
-    sums: dict[int, Tensor] = {}
-    sketch: dict[int, list[Tensor]] = {}
-    omega: dict[int, Tensor] = {}
-    gen = torch.Generator().manual_seed(int(seed))
-    for chunks in passes():  # pass 1: mean and A @ Omega
-        if keys is None:
-            keys = sorted(chunks)
-        for key in keys:
-            a = chunks[key]
-            if key not in omega:
-                F = a.shape[1]
-                p = min(num_components + oversample, F)
-                omega[key] = torch.randn(F, p, generator=gen, dtype=torch.float64).to(a.device)
-                sums[key] = torch.zeros(F, dtype=torch.float64, device=a.device)
-                n_rows[key] = 0
-                sketch[key] = []
-            a = a.double()
-            sums[key] += a.sum(0)
-            n_rows[key] += a.shape[0]
-            sketch[key].append(a @ omega[key])
-    if keys is None:
-        raise ValueError("no data")
-    mu = {k: sums[k] / n_rows[k] for k in keys}
-    for k in keys:
-        if num_components > min(n_rows[k], mu[k].numel()):
-            raise ValueError(f"{num_components} components need at least as many rows ({n_rows[k]}) and features")
-    Q = {k: _orth(torch.cat(sketch[k]) - mu[k] @ omega[k]) for k in keys}
-    del sketch
-
-    def times_transpose(Qd: dict[int, Tensor]) -> dict[int, Tensor]:  # A_c^T Q, (F, p)
-        acc = {k: torch.zeros(mu[k].numel(), Qd[k].shape[1], dtype=torch.float64, device=mu[k].device) for k in keys}
-        offset = 0
-        for chunks in passes():
-            n = None
-            for k in keys:
-                a = chunks[k].double()
-                n = a.shape[0]
-                acc[k] += a.T @ Qd[k][offset : offset + n]
-            offset += n
-        return {k: acc[k] - mu[k][:, None] * Qd[k].sum(0)[None] for k in keys}
-
-    def times(Z: dict[int, Tensor]) -> dict[int, Tensor]:  # A_c Z, (n, p)
-        parts: dict[int, list[Tensor]] = {k: [] for k in keys}
-        for chunks in passes():
-            for k in keys:
-                parts[k].append(chunks[k].double() @ Z[k])
-        return {k: torch.cat(parts[k]) - mu[k] @ Z[k] for k in keys}
-
-    for _ in range(niter):
-        Z = {k: _orth(v) for k, v in times_transpose(Q).items()}
-        Q = {k: _orth(v) for k, v in times(Z).items()}
-    Bt = times_transpose(Q)  # (F, p) = (Q^T A_c)^T
-    out = {}
-    for k in keys:
-        U, S, _ = torch.linalg.svd(Bt[k], full_matrices=False)
-        out[k] = (U[:, :num_components].float(), S[:num_components].float())
-    return out
-
-
-def collect_pca_basis(
-    model,
-    images: Tensor,
-    *,
-    layers: Sequence[int] = (1, 2, 3),
-    steps: Sequence[int] = (10, 25, 40),
-    respacing: int = 50,
-    num_components: int = 50,
-    noise_seed: int = 0,
-    batch_size: int = 64,
-    labels: Tensor | None = None,
-    niter: int = 2,
-    oversample: int = 10,
-    pca_seed: int = 0,
-    max_memory_bytes: int = 4 << 30,
-) -> dict[int, Tensor]:
-    """Principal components of the attention maps of a trained baseline (seed 004 appendix C).
-
-    For every image (N, C, H, W) in [-1, 1] and every *respaced* step s in ``steps`` of a ``respacing``-step
-    chain, x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps (eps drawn on the CPU from ``noise_seed``,
-    independently per step) goes through the model at its original timestep; the map of every head of
-    each requested layer (1-based, call order) is one sample, flattened to a vector of L * L
-    (row-major: entry q * L + k is query q's weight on key k). The seed's setting: 2048 test images x 3
-    steps x 4 heads = 24,576 maps per layer of DiT-XS/1, 50 components.
-
-    PCA is on the centred maps (see the module docstring: this is what makes ``coefficients x PCs + 1/L``
-    rows sum to 1). When all maps of all layers fit in ``max_memory_bytes`` (float32) they are stacked on
-    the model's device and passed to ``torch.pca_lowrank(A, q=num_components + oversample, center=True,
-    niter=niter)`` (random sketch seeded with ``pca_seed``), keeping the first ``num_components``
-    directions: the extra sketch columns make the last kept components accurate (with q = num_components
-    exactly, the trailing ones of a randomised PCA are visibly off). Otherwise (the seed's setting needs
-    24,576 x 1024^2 floats, ~100 GB, per layer) the same randomised algorithm runs out of core
-    (:func:`streaming_pca`), recomputing the maps (deterministically) on each of its 2 * niter + 2 passes.
-
-    Returns {layer: (num_components, L, L) float32 CPU tensor} with component c at [c] and its entry for
-    (query, key) at [c, query, key]: the layout of ``PCAAttention.components`` / ``DiT.load_pca_basis``.
-    Component signs are arbitrary.
-    """
-    device = _model_device(model)
-    images = torch.as_tensor(images).float()
-    N = images.shape[0]
-    layers = sorted({int(layer) for layer in layers})
-    if not layers or layers[0] < 1:
-        raise ValueError(f"layers must be 1-based, got {layers}")
-    diffusion = create_diffusion(respacing)
-    gen = torch.Generator().manual_seed(int(noise_seed))
-    noise = torch.randn((len(steps), *images.shape), generator=gen)
-    schedule = []
-    for s in steps:
-        if not 0 <= int(s) < diffusion.num_timesteps:
-            raise ValueError(f"step {s} outside the {diffusion.num_timesteps}-step chain")
-        schedule.append((float(diffusion.alphas_cumprod[int(s)]), int(diffusion.timestep_map[int(s)])))
-
-    def batches() -> Iterator[dict[int, Tensor]]:
-        """Per batch: layer -> (n_b * heads, L * L) flattened maps; rows ordered step, image, head."""
-        for j, (abar, t_orig) in enumerate(schedule):
-            for start in range(0, N, batch_size):
-                sl = slice(start, start + batch_size)
-                x = (math.sqrt(abar) * images[sl] + math.sqrt(1.0 - abar) * noise[j, sl]).to(device)
-                n = x.shape[0]
-                got: dict[int, Tensor] = {}
-
-                def on_map(layer: int, amap: Tensor) -> None:
-                    if layer in layers:
-                        got[layer] = amap.float().reshape(-1, amap.shape[-1] * amap.shape[-2])
-
-                _record(model, x, _as_timesteps(t_orig, n, device), _labels(model, labels, sl, n, device),
-                        on_map, last_layer=layers[-1])
-                missing = [layer for layer in layers if layer not in got]
-                if missing:
-                    raise ValueError(f"the model recorded no attention map for layer(s) {missing}")
-                yield got
-
-    first = next(batches())
-    per_map = {layer: first[layer].shape[1] for layer in layers}
-    rows_per_image = {layer: first[layer].shape[0] // min(N, batch_size) for layer in layers}  # heads
-    total_bytes = sum(N * len(steps) * rows_per_image[layer] * per_map[layer] * 4 for layer in layers)
-
-    if total_bytes <= max_memory_bytes:
-        data: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-        for got in batches():
-            for layer in layers:
-                data[layer].append(got[layer])
-        result = {}
-        for layer in layers:
-            A = torch.cat(data[layer])
-            data[layer] = []
-            if num_components > min(A.shape):
-                raise ValueError(f"{num_components} components need at least as many maps ({A.shape[0]}) and features")
-            devices = [A.device] if A.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(int(pca_seed))
-                q = min(num_components + oversample, *A.shape)
-                _, _, V = torch.pca_lowrank(A, q=q, center=True, niter=niter)
-            result[layer] = V[:, :num_components]
-    else:
-        result = {k: v for k, (v, _) in streaming_pca(batches, num_components, niter=niter, oversample=oversample,
-                                                                 seed=pca_seed).items()}
-
-    out = {}
-    for layer in layers:
-        L = math.isqrt(per_map[layer])
-        out[layer] = result[layer].T.reshape(num_components, L, L).float().cpu().contiguous()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Learned Gaussian-mixture masks (U-ViT, seed 000 section 3.1 and appendix)
-# ----------------------------------------------------------------------------------------------------
-
-
-def gmm_mask_summary(model: torch.nn.Module) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The learned masks of every GMM block: a tidy table of each kernel's alpha and sigma (per block,
-    head, kernel) plus, per head, the mask at distance 0 and its mean, and the centre token's mask row
-    as a (heads, g, g) map per block. Empty when the model has no masks."""
-    masks = model.gmm_masks() if hasattr(model, "gmm_masks") else {}
-    rows: list[dict] = []
-    centre_maps: dict[str, np.ndarray] = {}
-    blocks = dict(model.named_blocks()) if masks else {}
-    for order, (name, mask) in enumerate(masks.items()):
-        attn = blocks[name].attn
-        heads, n, _ = mask.shape
-        g = math.isqrt(n)
-        centre = (g // 2) * g + g // 2
-        centre_maps[name] = mask[:, centre].reshape(heads, g, g).float().cpu().numpy()
-        for h in range(heads):
-            for k in range(attn.gmm_alpha.shape[1]):
-                rows.append({"block": name, "block_index": order, "head": h, "kernel": k,
-                             "alpha": float(attn.gmm_alpha[h, k].detach()), "sigma": float(attn.gmm_sigma[h, k].detach().abs()),
-                             "mask_at_0": float(mask[h, centre, centre]), "mask_mean": float(mask[h].mean())})
-    columns = ["block", "block_index", "head", "kernel", "alpha", "sigma", "mask_at_0", "mask_mean"]
-    return pd.DataFrame(rows, columns=columns), centre_maps
-
-
-def plot_gmm_masks(centre_maps: dict[str, np.ndarray], title: str = ""):
-    """One row per block, one column per head: the centre token's learned mask over the token grid."""
-    import matplotlib.pyplot as plt
-
-    names = list(centre_maps)
-    heads = max(m.shape[0] for m in centre_maps.values())
-    fig, axes = plt.subplots(len(names), heads, figsize=(1.5 * heads + 0.8, 1.4 * len(names) + 0.6), squeeze=False)
-    for i, name in enumerate(names):
-        norm = _symmetric_norm(centre_maps[name])  # one colour scale per block: heads compare directly
-        for h in range(heads):
-            ax = axes[i][h]
-            ax.set_xticks([]), ax.set_yticks([])
-            if h >= centre_maps[name].shape[0]:
-                ax.axis("off")
-                continue
-            im = ax.imshow(centre_maps[name][h], cmap="coolwarm", norm=norm)
-            if i == 0:
-                ax.set_title(f"head {h}", fontsize=7)
-            if h == 0:
-                ax.set_ylabel(name, fontsize=7)
-        fig.colorbar(im, ax=axes[i].tolist(), fraction=0.02, pad=0.01)
-    fig.suptitle(title, fontsize=9)
-    return fig
-
-
-def _symmetric_norm(values: np.ndarray):
-    from matplotlib.colors import Normalize, TwoSlopeNorm
-
-    lo, hi = float(values.min()), float(values.max())
-    if lo < 0 < hi:  # masks multiply the logits: the sign matters, so 0 sits at the centre of the colour map
-        return TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
-    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-6)

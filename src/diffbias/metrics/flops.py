@@ -12,8 +12,13 @@ softmax), which is also the DiT paper's convention. What fvcore cannot see gets 
   :func:`diffbias.models.attention.flop_counting` is active): each query sees exactly its k x k keys,
   ``B*h*L*k^2*(d + dv)``.
 
-Backbone modules register handles for their own operators with :func:`register_flop_handle`
-(one place per fact: the module that defines an operator also says what it costs).
+A backbone declares what its own custom operators cost in a class attribute ``flop_handles`` ({op name:
+handle}, written with torch and math only: models never import metrics), e.g. ``DICE.flop_handles``
+prices ``diffbias::dice_signal``, ``UViT.flop_handles`` ``diffbias::gmm_attention`` and
+``DiffuSSM.flop_handles`` the FFTs. :func:`flop_handles` collects them from every registered backbone
+when counting (one place per fact: the module that defines an operator also says what it costs).
+Operators no backbone owns (the two above, a plugin's) go in :data:`EXTRA_HANDLES` through
+:func:`register_flop_handle`.
 
 Counting conventions (:data:`CONVENTIONS`). Published counts were made with different tools; to reproduce
 each printed number, a preset's published counts name their convention and are compared with our count
@@ -44,11 +49,30 @@ import torch.nn as nn
 
 # op name as it appears in a TorchScript trace (e.g. "diffbias::neighborhood_attention") -> fvcore handle
 # handle(inputs: list[torch._C.Value], outputs: list[torch._C.Value]) -> number of MACs (int or Counter)
+# Here only operators that no backbone owns; a backbone's own operators are in its class's flop_handles.
 EXTRA_HANDLES: dict[str, Callable[[list[Any], list[Any]], Any]] = {}
 
 
 def register_flop_handle(op_name: str, handle: Callable[[list[Any], list[Any]], Any]) -> None:
+    """Price an operator that no backbone owns (a backbone declares its own in ``flop_handles``)."""
     EXTRA_HANDLES[op_name] = handle
+
+
+def flop_handles() -> dict[str, Callable[[list[Any], list[Any]], Any]]:
+    """Every handle of the ``diffbias`` convention: :data:`EXTRA_HANDLES` plus the ``flop_handles`` that each
+    registered backbone declares. Two different handles for one operator raise (a count must not depend on
+    which backbone happens to be registered last)."""
+    from diffbias.models import BACKBONES  # importing the package registers every backbone
+
+    handles = dict(EXTRA_HANDLES)
+    declared_by = {op: "diffbias.metrics.flops" for op in handles}
+    for name, cls in sorted(BACKBONES.items()):
+        for op, handle in dict(getattr(cls, "flop_handles", None) or {}).items():
+            if op in handles and handles[op] is not handle:
+                raise ValueError(f"two FLOP handles for {op!r}: {declared_by[op]} and backbone {name!r}")
+            handles[op] = handle
+            declared_by.setdefault(op, f"backbone {name!r}")
+    return handles
 
 
 CONVENTIONS: dict[str, str] = {
@@ -351,11 +375,11 @@ def count_flops(
     """Multiply-accumulates per image, as fvcore counts them, plus a per-operator breakdown.
 
     ``convention`` (see :data:`CONVENTIONS`): ``diffbias`` (default) prices every operator in
-    :data:`EXTRA_HANDLES`; ``fvcore-as-shipped`` prices none of them (they are then skipped, silently);
+    :func:`flop_handles`; ``fvcore-as-shipped`` prices none of them (they are then skipped, silently);
     ``torchinfo-mult-adds`` is not an fvcore count (use :func:`count_mult_adds`).
 
     The model is traced on ``batch_size`` random inputs (x, t[, y]) in eval mode under
-    :func:`diffbias.models.attention.flop_counting`, with the handles in :data:`EXTRA_HANDLES`.
+    :func:`diffbias.models.attention.flop_counting`, with the handles of :func:`flop_handles`.
 
     Returns ``(macs, df)``: ``df`` has columns ``[operator, macs, share]`` (per image, largest
     first) and ``df.attrs`` holds ``skipped_ops`` (operators fvcore saw but did not price, with
@@ -374,7 +398,8 @@ def count_flops(
     _check_convention(convention)
     if convention == "torchinfo-mult-adds":
         raise ValueError("torchinfo-mult-adds is not an fvcore count: use count_mult_adds")
-    handles = dict(EXTRA_HANDLES) if convention == "diffbias" else {}
+    all_handles = flop_handles()
+    handles = all_handles if convention == "diffbias" else {}
     if model.__class__.__module__.startswith("fvcore"):
         raise TypeError("count_flops takes the model, not an fvcore analysis")
     inputs = _counting_inputs(model, "count_flops", input_size, in_channels, num_classes, batch_size)
@@ -435,11 +460,11 @@ def count_flops(
         if own:
             by_type[types.get(name, "?")] += own
     # Under fvcore-as-shipped the operators with project handles are skipped on purpose: no warning.
-    unrecognised = sorted(op for op in skipped if op not in ELEMENTWISE_OPS and op not in EXTRA_HANDLES)
+    unrecognised = sorted(op for op in skipped if op not in ELEMENTWISE_OPS and op not in all_handles)
     if unrecognised:
         warnings.warn(
             f"fvcore skipped operators that may not be element-wise (no FLOP handle): {unrecognised}; "
-            "register a handle with diffbias.metrics.flops.register_flop_handle",
+            "declare a handle in the backbone's flop_handles (or diffbias.metrics.flops.register_flop_handle)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -516,7 +541,7 @@ def count_macs(
 def macs_without_handles(by_operator: dict[str, int]) -> int:
     """The ``fvcore-as-shipped`` total from a ``diffbias`` per-operator breakdown: every operator that a
     project handle priced is dropped (exactly what a trace without the handles gives; tested)."""
-    priced = {name.rpartition("::")[2] for name in EXTRA_HANDLES}
+    priced = {name.rpartition("::")[2] for name in flop_handles()}
     return sum(v for op, v in by_operator.items() if op not in priced)
 
 

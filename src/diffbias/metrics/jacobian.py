@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..diffusion import create_diffusion
+from ..diffusion import create_diffusion, q_sample
 
 __all__ = [
     "noisy_input",
@@ -90,7 +90,7 @@ def noisy_input(x0: Tensor, t: int, noise_seed: int = 0) -> Tensor:
     abar = _abar(t)
     gen = torch.Generator().manual_seed(int(noise_seed))
     noise = torch.randn(tuple(x0.shape), generator=gen, dtype=torch.float32)
-    return math.sqrt(abar) * x0.detach().float().cpu() + math.sqrt(1.0 - abar) * noise
+    return q_sample(x0.detach().float().cpu(), abar, noise)
 
 
 

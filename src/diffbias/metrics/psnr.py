@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..diffusion import create_diffusion
+from ..diffusion import create_diffusion, q_sample
 
 DATA_RANGE = 2.0  # M: data normalised to [-1, 1]
 
@@ -52,7 +52,7 @@ def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: 
         for s in range(0, K, batch_size):
             x0 = images[s : s + batch_size].to(device)
             eps = noise[s : s + batch_size].to(device)
-            xt = sq * x0 + sq1m * eps
+            xt = q_sample(x0, abar, eps)
             t = torch.full((x0.shape[0],), t_orig, dtype=torch.long, device=device)
             y = None if labels is None else labels[s : s + batch_size].to(device)
             out = model(xt, t, y)

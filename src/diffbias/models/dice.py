@@ -68,7 +68,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..diffusion import linear_betas
-from ..metrics.flops import register_flop_handle
 from .layers import LabelEmbedder, TimestepEmbedder
 from .registry import register_backbone, register_preset
 
@@ -133,12 +132,8 @@ def dice_signal(left: torch.Tensor, right: torch.Tensor, lam: torch.Tensor) -> t
 
 
 def _dice_signal_flop_handle(inputs, outputs) -> int:
-    from fvcore.nn.jit_handles import get_shape
-
-    return SIGNAL_OPS_PER_ELEMENT * math.prod(get_shape(outputs[0]))
-
-
-register_flop_handle("diffbias::dice_signal", _dice_signal_flop_handle)
+    """MACs of diffbias::dice_signal: SIGNAL_OPS_PER_ELEMENT per output element (declared by DICE.flop_handles)."""
+    return SIGNAL_OPS_PER_ELEMENT * math.prod(outputs[0].type().sizes())
 
 # ----------------------------------------------------------------------------------------------------
 # Shared cascade helpers
@@ -261,6 +256,8 @@ class DICE(nn.Module):
     """Denoising cascade of DeltaConvNeXt stages with adaLN-Zero (seed 002); see the module docstring."""
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = False
+    # what its custom operator costs (collected by diffbias.metrics.flops.flop_handles)
+    flop_handles = {"diffbias::dice_signal": _dice_signal_flop_handle}
 
     zero_output_at_init = True
     stage_scales = STAGE_SCALES

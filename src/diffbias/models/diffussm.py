@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..metrics.flops import register_flop_handle
 from .layers import LabelEmbedder, TimestepEmbedder
 from .registry import register_backbone, register_preset
 
@@ -83,8 +82,8 @@ def _fft_handle(real_input: bool):
     return handle
 
 
-register_flop_handle("aten::fft_rfft", _fft_handle(True))
-register_flop_handle("aten::fft_irfft", _fft_handle(False))
+# What the FFTs cost: declared by DiffuSSM.flop_handles, collected by diffbias.metrics.flops.flop_handles.
+FFT_FLOP_HANDLES = {"aten::fft_rfft": _fft_handle(True), "aten::fft_irfft": _fft_handle(False)}
 
 
 # ---------------------------------------------------------------------------------------------- S4D
@@ -224,6 +223,7 @@ class DiffuSSM(nn.Module):
     (real state size of each S4D), dt_min, dt_max."""
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = False
+    flop_handles = FFT_FLOP_HANDLES
 
     zero_output_at_init = True
     no_weight_decay_keywords = ("log_dt", "log_A_real", "A_imag")

@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..metrics.flops import register_flop_handle
 from . import attention
 from .layers import LabelEmbedder, RecordsAttention, timestep_embedding
 from .registry import register_backbone, register_preset
@@ -116,8 +115,7 @@ def gmm_attention_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return b * h * seq * seq * (d + dv) + kernels * h * n * n + b * h * seq * seq
 
 
-register_flop_handle("diffbias::gmm_attention", gmm_attention_flop_handle)
-# The fused-attention (SDPA) handle lives in diffbias.metrics.flops.
+# Declared by UViT.flop_handles; the fused-attention (SDPA) handle lives in diffbias.metrics.flops.
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,6 +249,8 @@ class UViT(nn.Module):
     records_attention = True
     has_gmm_masks = True
     supports_freeu = True
+    # what its custom operator costs (collected by diffbias.metrics.flops.flop_handles)
+    flop_handles = {"diffbias::gmm_attention": gmm_attention_flop_handle}
 
     def __init__(
         self,
