@@ -29,7 +29,7 @@ from . import analysis  # noqa: E402
 from .io import atomic_path, read_parquet_metadata  # noqa: E402
 from .typeset import Document, frame_table, layout_table  # noqa: E402
 
-plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "font.size": 8})
+plt.rcParams.update({"figure.max_open_warning": 0, "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "font.size": 8})
 
 # Metrics of the seeds that cannot be computed offline: shown as missing columns with the reason, never a number.
 UNAVAILABLE_METRICS = {
@@ -218,10 +218,14 @@ def _gap_bars(ctx: dict, psnr: pd.DataFrame, name: str, title: str) -> None:
     per_run = analysis.per_run_mean(psnr, "gap")
     datasets = _datasets(ctx, per_run)
     variants = _variants(ctx, per_run)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(4.5, 0.5 * len(variants) * len(ctx["study"]["N"])) * len(datasets) ** 0.5 + 2,
-                                                        3.0), squeeze=False, sharey=False)
-    colours = plt.cm.Set2(np.linspace(0, 1, max(len(variants), 2)))
-    for ax, d in zip(axes[0], datasets):
+    ncols = min(3, len(datasets))  # one panel per data set, as seed 004 fig. 6 (a panel grid beyond three)
+    nrows = -(-len(datasets) // ncols)
+    width = max(3.2, 0.18 * len(variants) * len(ctx["study"]["N"]) + 1.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + 1.8, 2.8 * nrows + 0.4), squeeze=False)
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))[: max(len(variants), 1)]
+    for ax in axes.flat[len(datasets):]:
+        ax.axis("off")
+    for ax, d in zip(axes.flat, datasets):
         sub = per_run[per_run["dataset"] == d]
         ns = sorted(sub["N"].unique())
         width = 0.8 / max(len(variants), 1)
@@ -232,7 +236,7 @@ def _gap_bars(ctx: dict, psnr: pd.DataFrame, name: str, title: str) -> None:
         ax.set_xticks(np.arange(len(ns)), [f"N={n}" for n in ns])
         ax.set_title(d)
         ax.set_ylabel("PSNR gap (dB), lower = better")
-    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    axes.flat[min(len(datasets), ncols) - 1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(title)
     _save(fig, ctx["figures_dir"], name, ctx["pdf"])
 
@@ -539,18 +543,18 @@ def section_attention(ctx: dict) -> None:
             fig.suptitle(f"{d}, {_display(ctx, v)}: attention maps across N (image 0, normalised, colour map on [0, 0.1])",
                          fontsize=9)
             _save(fig, ctx["figures_dir"], f"attention_maps_{d}_{v}", ctx["pdf"])
-        for layer in (1, 6, 12):  # figs. 9-11: six images at one layer, rows model x N
-            rows = [x for x in runs if f"layer{layer}" in x[1]]
+        baselines = {b.baseline for b in ctx["blocks"] if b.baseline} or {runs[0][0].variant}
+        for layer in (1, 6, 12):  # figs. 9-11: six images at one layer of the baseline models, rows N
+            rows = [x for x in runs if f"layer{layer}" in x[1] and x[0].variant in baselines]
             if not rows:
                 continue
             n_img = min(6, min(len(x[1][f"layer{layer}"]) for x in rows))
             fig, axes = plt.subplots(len(rows), n_img, figsize=(1.8 * n_img + 0.8, 1.8 * len(rows) + 0.5), squeeze=False)
-            for i, (r, arrays, _, grid) in enumerate(rows):
-                for j in range(n_img):
-                    plot_attention_maps([torch.from_numpy(arrays[f"layer{layer}"][j].astype("float32"))], grid,
-                                        axes=np.array([axes[i][j]]), titles=[f"image {j + 1}"])
+            for i, (r, arrays, _, grid) in enumerate(rows):  # one call per row: the images take the layers' place
+                plot_attention_maps([torch.from_numpy(arrays[f"layer{layer}"][j].astype("float32")) for j in range(n_img)],
+                                    grid, axes=axes[i], titles=[f"image {j + 1}" for j in range(n_img)])
                 axes[i][0].set_ylabel(f"{_display(ctx, r.variant)}\nN={r.N}", fontsize=7)
-            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images (seed 004 fig. {8 + (1, 6, 12).index(layer) + 1})",
+            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, baseline model(s) (seed 004 fig. {8 + (1, 6, 12).index(layer) + 1})",
                          fontsize=9)
             _save(fig, ctx["figures_dir"], f"attention_layer{layer}_{d}", ctx["pdf"])
     if not drawn:
