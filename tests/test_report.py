@@ -31,7 +31,7 @@ def runs():
 
 
 def keys(d, v, n, seed):
-    return {"dataset": d, "variant": v, "N": n, "seed": seed, "label": LABELS[v]}
+    return {"dataset": d, "variant": v, "N": n, "seed": seed, "label": LABELS.get(v, v)}
 
 
 def write_study(root) -> tuple:
@@ -159,3 +159,44 @@ def test_missing_arrays_are_said_not_silently_skipped(tmp_path):
     assert sections["Samples"].status.startswith("not measured in this study")
     assert sections["Jacobian eigenvectors and spectra"].status == "rendered"  # spectra from the table, a line for the rest
     assert not (study_dir / "figures/jacobian_eigvecs_celeba.png").exists()
+
+
+def test_freeu_grid_samples_and_gmm_masks(tmp_path):
+    """Seed 000: the FID grid over (b, s), samples at the (b, s) points the config lists, learned masks."""
+    study_dir = tmp_path / "studies/gmm_s"
+    labels = {"uvit": "U-ViT", "uvit_gmm": "U-ViT + GMM"}
+    s = {"name": "gmm_s", "title": "gmm", "variants": ["uvit", "uvit_gmm"], "baseline": "uvit", "N": [50], "seeds": [0],
+         "labels": labels, "datasets": ["cifar"],
+         "variant_specs": {"uvit": {"backbone": "uvit", "preset": "U"}, "uvit_gmm": {"backbone": "uvit", "preset": "U",
+                                                                                   "options": {"gmm": True}}},
+         "freeu_grid": {"b": [1.0, 1.8], "s": [1.0, 0.8], "sample_points": [[1.8, 0.8], [1.8, 0.85]]}}
+    psnr = pd.DataFrame([keys("cifar", v, 50, 0) | {"label": labels[v], "step": 0, "t": 10, "psnr_train": 30.0,
+                                                    "psnr_test": 29.0, "gap": 1.0} for v in labels])
+    write_parquet(psnr, study_dir / "psnr.parquet", {})
+    grid = [keys("cifar", v, 50, 0) | {"label": labels[v], "b": b, "s": s_, "tau": 1, "fid": 10 * b + s_, "num_samples": 8,
+                                       "sampling_steps": 5, "seconds": 1.0}
+            for v in labels for b in (1.0, 1.8) for s_ in (1.0, 0.8)]
+    write_parquet(pd.DataFrame(grid), study_dir / "freeu.parquet", {})
+    gmm = [keys("cifar", "uvit_gmm", 50, 0) | {"label": labels["uvit_gmm"], "block": f"in_blocks.{i}", "block_index": i,
+                                               "head": h, "kernel": 0, "alpha": 1.0, "sigma": 2.0, "mask_at_0": 1.0,
+                                               "mask_mean": 0.5} for i in range(2) for h in range(2)]
+    write_parquet(pd.DataFrame(gmm), study_dir / "gmm_masks.parquet", {})
+    runs = []
+    for v in labels:
+        path = tmp_path / f"{v}.npz"
+        np.savez(path, **{f"b{b}_s{s_}": np.full((4, 3, 4, 4), int(b * 100), np.uint8) for b in (1.0, 1.8) for s_ in (1.0, 0.8)})
+        runs.append((f"cifar/{v}/N50/seed0", str(path)))
+    cli.main(["aggregate-arrays", "--runs", json.dumps([k for k, _ in runs]), "--out",
+              str(study_dir / "arrays/freeu-samples.npz"), *[p for _, p in runs]])
+    masks = tmp_path / "gmm.npz"
+    np.savez(masks, **{f"in_blocks.{i}": np.ones((2, 4, 4), np.float32) for i in range(2)})
+    cli.main(["aggregate-arrays", "--runs", json.dumps(["cifar/uvit_gmm/N50/seed0"]), "--out",
+              str(study_dir / "arrays/gmm_masks.npz"), str(masks)])
+    sections = {x.title: x for x in report.build_report(s, study_dir, tmp_path / "gmm_s.pdf")}
+    assert sections["FreeU-style (b, s) scaling: FID grid"].status == "rendered"
+    samples = sections["FreeU-style (b, s) scaling: samples"]
+    # per run: a line saying (1.8, 0.85) was not evaluated, and the figure of the listed point that was
+    assert samples.status == "rendered" and samples.pages == 4
+    names = {p.name for p in (study_dir / "figures").iterdir()}
+    assert {"freeu_fid.png", "freeu_samples_cifar_uvit_N50_seed0.png", "gmm_masks_cifar_uvit_gmm_N50.png"} <= names
+    assert sections["Gaussian-mixture masks"].status == "rendered"

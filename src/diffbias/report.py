@@ -324,8 +324,9 @@ def section_fid_curve(ctx: dict) -> None:
     _save(fig, ctx["figures_dir"], "fid_curve", ctx["pdf"])
 
 
-@section("FID against GFLOPs and sampling speed", "seed 003 fig. 3 (FID vs GFLOPs of the architectures), seed 002 "
-         "fig. 13 (bubble graph: FID vs sampling speed, area = GFLOPs)", needs=("fid", "counts"))
+@section("FID against GFLOPs and sampling speed", "seed 003 fig. 3 in part (GFLOPs per architecture, here at the study's "
+         "input and against FID; the seed sweeps sequence length), seed 002 fig. 13 (bubble graph: FID vs sampling "
+         "speed, area = GFLOPs)", needs=("fid", "counts"))
 def section_fid_vs_gflops(ctx: dict) -> None:
     per = ctx["fid"].groupby(["dataset", "variant", "N"], as_index=False).agg(
         fid=("fid", "mean"), speed=("sampling_images_per_s", "median"))
@@ -416,12 +417,14 @@ def section_freeu_samples(ctx: dict) -> None:
     packed = ctx["arrays"].get("freeu")
     if not packed:
         raise NotMeasured("not measured in this study: no FreeU sample arrays")
-    wanted = (ctx["study"].get("freeu_grid") or {}).get("sample_points")
+    # the (b, s) points the config lists (freeu_grid.sample_points, [[b, s], ...]); every grid point otherwise
+    wanted = [(float(b), float(s)) for b, s in ((ctx["study"].get("freeu_grid") or {}).get("sample_points") or [])]
     for run, arrays in sorted(packed.items()):
-        keys = sorted(arrays, key=lambda k: tuple(float(x[1:]) for x in k.split("_")))
-        if wanted:
-            keys = [k for k in keys if any(k == f"b{b}_s{s}" or (float(k.split('_')[0][1:]), float(k.split('_')[1][1:]))
-                                           == (float(b), float(s)) for b, s in wanted)]
+        points = {tuple(float(x[1:]) for x in k.split("_")): k for k in arrays}  # "b1.8_s0.85" -> (1.8, 0.85)
+        absent = [p for p in wanted if p not in points]
+        if absent:
+            ctx["pdf"].text(None, [f"{run}: no samples at (b, s) = {absent} (not in the evaluated grid)"])
+        keys = [points[p] for p in (wanted or sorted(points)) if p in points]
         if not keys:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(2.2 * len(keys), 2.5), squeeze=False)
