@@ -11,7 +11,6 @@ then numbered.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,20 @@ def text_width(text: str, size: float, bold: bool = False, italic: bool = False)
     """Width of `text` in inches at `size` points."""
     props = FontProperties(size=size, weight="bold" if bold else "normal", style="italic" if italic else "normal")
     return _MEASURE.get_text_width_height_descent(text, props, ismath=False)[0] / 72.0
+
+
+def wrap(text: str, size: float, width: float, indent: str = "") -> list[str]:
+    """Greedy word wrap of `text` to `width` inches at `size` points, measured with the font itself."""
+    lines, line = [], ""
+    width *= 0.95  # the path-based measure runs a little short of the rendered text
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else (indent if lines else "") + word
+        if line and text_width(candidate, size) > width:
+            lines.append(line)
+            line = indent + word
+        else:
+            line = candidate
+    return lines + [line]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,11 +224,9 @@ class Document:
     def text(self, title: str | None, paragraphs: list[str], size: float = 9.0) -> None:
         """Paragraphs wrapped to the page width, continued on new pages as needed."""
         fig, y = self._page(heading=title)
-        chars = int((PORTRAIT[0] - 2 * MARGIN) / text_width("abcdefghij klmnopqrstuvwxyz 0123456789", size) * 38)
         line_h = size * 1.45 / 72
         for para in paragraphs:
-            lines = textwrap.wrap(para, chars, replace_whitespace=False, drop_whitespace=True, subsequent_indent="    "
-                                  if para.startswith("  ") else "") or [""]
+            lines = wrap(para, size, PORTRAIT[0] - 2 * MARGIN, indent="    " if para.startswith("  ") else "")
             for line in lines:
                 if y - line_h < MARGIN:
                     self._add(fig)
@@ -264,8 +275,7 @@ class Document:
         def start_page(cont: bool):
             fig, y = self._page(page_size, heading=title + (" (continued)" if cont else ""))
             if caption and not cont:
-                chars = int((W - 2 * MARGIN) / text_width("abcdefghij klmnopqrstuvwxyz 0123456789", 8.5) * 38)
-                for line in textwrap.wrap(caption, chars):
+                for line in wrap(caption, 8.5, W - 2 * MARGIN):
                     fig.text(fx(MARGIN), fy(y), line, fontsize=8.5, va="top")
                     y -= 8.5 * 1.45 / 72
                 y -= 0.1
@@ -312,8 +322,7 @@ class Document:
         rule(fig, y, 1.0)
         y -= 0.15
         for note in notes:
-            chars = int((W - 2 * MARGIN) / text_width("abcdefghij klmnopqrstuvwxyz 0123456789", 7.5) * 38)
-            for line in textwrap.wrap(note, chars):
+            for line in wrap(note, 7.5, W - 2 * MARGIN):
                 if y < MARGIN:
                     self._add(fig)
                     fig, y = self._page(page_size)
@@ -352,9 +361,11 @@ class Document:
         line_h = size * 1.5 / 72
         for i, s in enumerate(self.sections, 1):
             page = "" if s.first_page is None else str(s.first_page + offset + 1)
-            lines = [(f"{i}. {s.title}", True), (f"reproduces: {s.reproduces}" if s.reproduces else "", False)]
+            width = PORTRAIT[0] - 2 * MARGIN - 0.4
+            lines = [(f"{i}. {s.title}", True)]
+            lines += [(text, False) for text in (wrap(f"reproduces: {s.reproduces}", size, width) if s.reproduces else [])]
             if s.status != "rendered":
-                lines.append((s.status, False))
+                lines += [(text, False) for text in wrap(s.status, size, width)]
             need = line_h * (len(lines) + 0.4)
             if y - need < MARGIN:
                 pages.append(fig)
@@ -363,7 +374,7 @@ class Document:
                 if not text:
                     continue
                 x = MARGIN / PORTRAIT[0] + (0 if j == 0 else 0.03)
-                fig.text(x, y / PORTRAIT[1], text[:120], fontsize=size, va="top", weight="bold" if bold else "normal",
+                fig.text(x, y / PORTRAIT[1], text, fontsize=size, va="top", weight="bold" if bold else "normal",
                          style="normal" if bold else "italic")
                 if j == 0:
                     fig.text(1 - MARGIN / PORTRAIT[0], y / PORTRAIT[1], page, fontsize=size, va="top", ha="right")
