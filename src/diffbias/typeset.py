@@ -356,16 +356,16 @@ class Document:
         return self.sections
 
     def _contents_pages(self, offset: int) -> list[plt.Figure]:
-        pages, size = [], 8.5
+        pages, size = [], 8.0
         fig, y = self._page(heading=f"Contents — {self.title}")
-        line_h = size * 1.5 / 72
+        line_h = size * 1.4 / 72
         for i, s in enumerate(self.sections, 1):
             page = "" if s.first_page is None else str(s.first_page + offset + 1)
             width = PORTRAIT[0] - 2 * MARGIN - 0.4
             lines = [(f"{i}. {s.title}", True)]
-            lines += [(text, False) for text in (wrap(f"reproduces: {s.reproduces}", size, width) if s.reproduces else [])]
-            if s.status != "rendered":
-                lines += [(text, False) for text in wrap(s.status, size, width)]
+            about = "; ".join(([f"reproduces {s.reproduces}"] if s.reproduces else [])
+                              + ([s.status] if s.status != "rendered" else []))
+            lines += [(text, False) for text in (wrap(about, size - 0.5, width) if about else [])]
             need = line_h * (len(lines) + 0.4)
             if y - need < MARGIN:
                 pages.append(fig)
@@ -374,11 +374,11 @@ class Document:
                 if not text:
                     continue
                 x = MARGIN / PORTRAIT[0] + (0 if j == 0 else 0.03)
-                fig.text(x, y / PORTRAIT[1], text, fontsize=size, va="top", weight="bold" if bold else "normal",
-                         style="normal" if bold else "italic")
+                fig.text(x, y / PORTRAIT[1], text, fontsize=size if bold else size - 0.5, va="top",
+                         weight="bold" if bold else "normal", style="normal" if bold else "italic")
                 if j == 0:
                     fig.text(1 - MARGIN / PORTRAIT[0], y / PORTRAIT[1], page, fontsize=size, va="top", ha="right")
                 y -= line_h
-            y -= line_h * 0.4
+            y -= line_h * 0.3
         pages.append(fig)
         return pages
