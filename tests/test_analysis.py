@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -116,11 +118,12 @@ def test_array_pack_round_trip(tmp_path):
     out = tmp_path / "samples.npz"
     keys = analysis.aggregate_arrays(inputs, runs, out, max_items=16)
     assert sorted(keys) == sorted(f"{r}::{n}" for r in runs for n in ("samples", "t"))
-    with np.load(out) as pack:
+    with np.load(out) as pack:  # arrays are read from the open pack when used
         arrays = analysis.unpack_arrays(pack)
-    assert set(arrays) == set(runs)
-    assert arrays["celeba/s/N1000/seed43"]["samples"].shape == (16, 1, 4, 4)  # preview of the first 16
-    assert (arrays["celeba/s/N1000/seed43"]["samples"] == 1).all() and int(arrays[runs[0]]["t"]) == 250
+        assert set(arrays) == set(runs) and set(arrays[runs[0]]) == {"samples", "t"}
+        assert arrays["celeba/s/N1000/seed43"]["samples"].shape == (16, 1, 4, 4)  # preview of the first 16
+        assert (arrays["celeba/s/N1000/seed43"]["samples"] == 1).all() and int(arrays[runs[0]]["t"]) == 250
+        assert json.loads(str(pack["__runs__"])) == runs
     assert analysis.parse_run(runs[1]) == ("celeba", "s", 1000, 43)
     assert analysis.study_array_name("freeu-{study}-samples.npz") == "freeu-samples.npz"
     with pytest.raises(ValueError, match="run keys"):

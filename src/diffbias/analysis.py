@@ -10,6 +10,7 @@ display label, so two variants both labelled "w/ Local" (DiT-XS/1 and DiT-S/1) s
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,18 +57,54 @@ def aggregate_arrays(inputs: list[str], runs: list[str], out: str | Path, max_it
     """
     if len(inputs) != len(runs):
         raise ValueError(f"{len(inputs)} input files but {len(runs)} run keys")
-    packed: dict[str, np.ndarray] = {}
-    for path, run in zip(inputs, runs):
-        with np.load(path, allow_pickle=False) as data:
-            for name in data.files:
-                array = data[name]
-                if max_items is not None and array.ndim >= 2:
-                    array = array[:max_items]
-                packed[f"{run}{ARRAY_KEY_SEPARATOR}{name}"] = array
+    import zipfile
+
+    written = []
+    # Streamed into the zip one array at a time (as numpy.savez_compressed writes them): a paper-scale study's
+    # arrays need not fit in memory.
     with atomic_path(out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, __runs__=np.array(json.dumps(list(runs))), **packed)
-    return list(packed)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            for path, run in zip(inputs, runs):
+                with np.load(path, allow_pickle=False) as data:
+                    for name in data.files:
+                        array = data[name]
+                        if max_items is not None and array.ndim >= 2:
+                            array = array[:max_items]
+                        key = f"{run}{ARRAY_KEY_SEPARATOR}{name}"
+                        with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                            np.lib.format.write_array(fh, np.asarray(array), allow_pickle=False)
+                        written.append(key)
+            with zf.open("__runs__.npy", "w") as fh:
+                np.lib.format.write_array(fh, np.array(json.dumps(list(runs))), allow_pickle=False)
+    return written
+
+
+class RunArrays(Mapping):
+    """One run's arrays in an open study-level pack, read from the file on access (packs can be large)."""
+
+    def __init__(self, pack, run: str, names: list[str]):
+        self._pack, self._run, self._names = pack, run, names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._pack[f"{self._run}{ARRAY_KEY_SEPARATOR}{name}"]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def unpack_arrays(pack) -> dict[str, RunArrays]:
+    """An open study-level pack (``np.load``) -> {run: {array name: array}}; arrays are read when used."""
+    names: dict[str, list[str]] = {}
+    for key in pack.files:
+        if ARRAY_KEY_SEPARATOR in key:
+            run, name = key.split(ARRAY_KEY_SEPARATOR, 1)
+            names.setdefault(run, []).append(name)
+    return {run: RunArrays(pack, run, n) for run, n in names.items()}
 
 
 def study_array_name(per_run_output: str) -> str:
@@ -86,15 +123,6 @@ def run_key(dataset, variant, n, seed) -> str:
     return f"{dataset}/{variant}/N{int(n)}/seed{int(seed)}"
 
 
-def unpack_arrays(pack) -> dict[str, dict[str, np.ndarray]]:
-    """A loaded study-level pack -> {run: {array name: array}} (lazy arrays are read here, once)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for key in pack.files:
-        if ARRAY_KEY_SEPARATOR not in key:
-            continue
-        run, name = key.split(ARRAY_KEY_SEPARATOR, 1)
-        out.setdefault(run, {})[name] = pack[key]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -666,16 +666,26 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path, figures_di
         "labels": study.get("labels", {}),
         "blocks": analysis.variant_blocks(study),
         "arrays": {},
+        "out": out,
     }
     for table in ("psnr", "train_log", "counts", *measurement_tables()):  # the registry's tables (diffbias.measurements)
         if (study_dir / f"{table}.parquet").exists():
             ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
+    packs = []  # kept open while the sections draw: arrays are read from them on use
     for name, files in array_files().items():
         for fname in files:
             path = study_dir / "arrays" / fname
             if path.exists():
-                with np.load(path, allow_pickle=False) as pack:
-                    ctx["arrays"].setdefault(name, {}).update(analysis.unpack_arrays(pack))
+                packs.append(np.load(path, allow_pickle=False))
+                ctx["arrays"].setdefault(name, {}).update(analysis.unpack_arrays(packs[-1]))
+    try:
+        return _render(ctx, study)
+    finally:
+        for pack in packs:
+            pack.close()
+
+
+def _render(ctx: dict, study: dict) -> list:
     doc = Document(f"diffbias report: {study['name']}")
     ctx["pdf"] = doc
     not_measured = []
@@ -691,4 +701,4 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path, figures_di
     if not_measured:
         doc.begin("Not measured in this study", "")
         doc.text("Not measured in this study", [f"{s.title} ({s.reproduces}): {s.status}" for s in not_measured])
-    return doc.write(out)
+    return doc.write(ctx["out"])

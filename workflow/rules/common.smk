@@ -203,8 +203,9 @@ from diffbias.analysis import study_array_name
 
 # Study-level array packs: a measurement's per-run outputs after its table (diffbias.measurements) are packed
 # per study by rule aggregate_arrays, so the report reads only files its rule declares.
-# The FID sample set is tens of thousands of images per run; the report shows 16 of them.
-ARRAY_PREVIEW_ITEMS = {"fid": 16}
+# Previews: the FID sample set is tens of thousands of images per run and the report shows 16; attention maps
+# (L x L per layer, 1024^2 at 32x32 patch 1) are drawn for at most six images (seed 004 figs. 9-11).
+ARRAY_PREVIEW_ITEMS = {"fid": 16, "attention": 6}
 
 
 def study_arrays(study: str) -> dict[str, tuple]:
