@@ -6,8 +6,11 @@ The report reads only the files its rule declares (workflow/rules/report.smk): t
 (:mod:`diffbias.measurements`). It writes the PDF, ``<study_dir>/figures/`` (PNG of every figure) and
 ``<study_dir>/tables/`` (Markdown and LaTeX tables), the latter two declared outputs of the rule.
 
-Layout: :mod:`diffbias.typeset` (matplotlib pages: vector figures, booktabs tables, a contents page; why
-matplotlib rather than ReportLab is said there). Each section names the seed figure or table it reproduces;
+Layout: :mod:`diffbias.typeset`, matplotlib-drawn pages (booktabs tables with aligned numbers and bold best
+values, wrapped text, a contents page with page numbers). Chosen over ReportLab because every figure is already a
+matplotlib figure and matplotlib's PDF backend keeps them vector with no conversion step (ReportLab would need
+svglib on top to embed vector plots), so one well-kept library already pinned in requirements.txt does the whole
+layout and no new dependency is added. Each section names the seed figure or table it reproduces;
 a section whose inputs were not measured in this study says so on the contents page and on the "Not measured"
 page instead of disappearing.
 """
