@@ -119,6 +119,8 @@ def test_contents_page_opens_and_sections_say_what_they_reproduce(rendered):
                   "Appendix C: weight sharing and PCA attention"):
         assert titles[title].status.startswith("not measured in this study") and titles[title].pages == 0
     assert sections[-1].title == "Not measured in this study" and sections[-1].pages == 1
+    listed = json.loads((study_dir / "tables/report_sections.json").read_text())
+    assert [entry["title"] for entry in listed] == [s.title for s in sections]
 
 
 def test_tables_have_a_column_block_per_dataset_and_own_baselines(rendered):
