@@ -85,7 +85,8 @@ def section(title: str, reproduces: str, needs: tuple[str, ...] = ()):
 def _need(ctx: dict, *tables: str) -> None:
     missing = [t for t in tables if ctx.get(t) is None or len(ctx[t]) == 0]
     if missing:
-        raise NotMeasured(f"not measured in this study: {', '.join(missing)}")
+        raise NotMeasured(f"not measured in this study: no {', '.join(missing)} table (the measurement applies to "
+                          "none of its runs, or is not configured)")
 
 
 def _display(ctx: dict, variant: str) -> str:
