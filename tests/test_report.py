@@ -13,7 +13,7 @@ import pytest
 from diffbias import cli, report
 from diffbias.io import write_parquet
 
-from test_analysis import GAP, LABELS, N_FACTOR, SCALE, SEEDS, SPECS, VARIANTS, psnr_table
+from test_analysis import LABELS, N_FACTOR, SCALE, SEEDS, SPECS, VARIANTS, psnr_table
 
 FID = {"xs": 20.0, "xs_local": 16.0, "s": 30.0, "s_local": 27.0}  # per-run FID = FID[v] * SCALE[d] + seed index
 GMACS = {"xs": 1.0, "xs_local": 0.9, "s": 4.0, "s_local": 3.6}
@@ -186,7 +186,8 @@ def test_freeu_grid_samples_and_gmm_masks(tmp_path):
     runs = []
     for v in labels:
         path = tmp_path / f"{v}.npz"
-        np.savez(path, **{f"b{b}_s{s_}": np.full((4, 3, 4, 4), int(b * 100), np.uint8) for b in (1.0, 1.8) for s_ in (1.0, 0.8)})
+        per_point = {f"b{b}_s{s_}": np.full((4, 3, 4, 4), int(b * 100), np.uint8) for b in (1.0, 1.8) for s_ in (1.0, 0.8)}
+        np.savez(path, **per_point)
         runs.append((f"cifar/{v}/N50/seed0", str(path)))
     cli.main(["aggregate-arrays", "--runs", json.dumps([k for k, _ in runs]), "--out",
               str(study_dir / "arrays/freeu-samples.npz"), *[p for _, p in runs]])

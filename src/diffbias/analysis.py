@@ -265,7 +265,8 @@ def format_value(mean: float, std: float, seeds: int, digits: int) -> str:
 def layout_comparison(long: pd.DataFrame, study: dict, digits: int = 4, caption: str = "",
                       datasets: list[str] | None = None) -> TableLayout:
     """The paper layout of a :func:`compare` table (columns: data set x N; blocks of rows per baseline)."""
-    datasets = datasets or [d for d in study.get("datasets", []) if d in set(long["dataset"])] or sorted(long["dataset"].unique())
+    present = set(long["dataset"])
+    datasets = datasets or [d for d in study.get("datasets", []) if d in present] or sorted(present)
     groups = [(d, sorted(int(n) for n in long.loc[long["dataset"] == d, "N"].unique())) for d in datasets]
     cols = [(d, n) for d, ns in groups for n in ns]
     index = long.set_index(["variant", "dataset", "N"])
@@ -311,7 +312,8 @@ def format_table(layout: TableLayout, fmt: str = "markdown") -> str:
     if fmt == "latex":
         esc = lambda s: s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$").replace("#", r"\#")  # noqa: E731
         lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule"]
-        lines.append("Model & " + " & ".join(rf"\multicolumn{{{len(ns)}}}{{c}}{{{esc(d)}}}" for d, ns in layout.groups) + r" \\")
+        spans = [rf"\multicolumn{{{len(ns)}}}{{c}}{{{esc(d)}}}" for d, ns in layout.groups]
+        lines.append("Model & " + " & ".join(spans) + r" \\")
         start = 2
         rules = []
         for _, ns in layout.groups:

@@ -250,11 +250,13 @@ def _gap_bars(ctx: dict, psnr: pd.DataFrame, name: str, title: str) -> None:
          needs=("psnr",))
 def section_appendix_c(ctx: dict) -> None:
     specs = ctx["study"].get("variant_specs", {})
-    reduced = [v for v, s in specs.items() if (s.get("options") or {}).get("share_blocks") or (s.get("options") or {}).get("pca_layers")]
+    options = {v: s.get("options") or {} for v, s in specs.items()}
+    reduced = [v for v, o in options.items() if o.get("share_blocks") or o.get("pca_layers")]
     if not reduced:
         raise NotMeasured("not measured in this study: no weight-sharing or PCA-attention variant")
     base = analysis.resolve_baselines(ctx["study"])
-    keep = set(reduced) | {base[v] for v in reduced if base[v]} | {v for v in specs if base.get(v) in {base[r] for r in reduced}}
+    their_baselines = {base[r] for r in reduced}  # ...and every variant compared with the same baseline (local)
+    keep = set(reduced) | {b for b in their_baselines if b} | {v for v in specs if base.get(v) in their_baselines}
     _gap_bars(ctx, ctx["psnr"][ctx["psnr"]["variant"].isin(keep)], "appendix_c_gap_bars",
               "Weight sharing and PCA attention vs local attention (seed 004 fig. 12 b)")
     if ctx.get("fid") is not None:
@@ -497,10 +499,12 @@ def section_jacobian(ctx: dict) -> None:
             continue
         vecs = [packed[analysis.run_key(r.dataset, r.variant, r.N, r.seed)]["eigenvectors"][0, 0] for r in rows]
         k = min(min(len(v) for v in vecs), 6)
-        fig, axes = plt.subplots(len(rows), k, figsize=(1.5 * k * max(1, vecs[0].shape[-3] if vecs[0].ndim == 4 else 1) ** 0.5 + 1.5,
-                                                         1.5 * len(rows) + 0.5), squeeze=False)
+        channels = vecs[0].shape[-3] if vecs[0].ndim == 4 else 1  # channels are laid side by side in a panel
+        fig, axes = plt.subplots(len(rows), k, figsize=(1.5 * k * channels ** 0.5 + 1.5, 1.5 * len(rows) + 0.5),
+                                 squeeze=False)
         for i, (r, v) in enumerate(zip(rows, vecs)):
-            sub = jac[(jac["dataset"] == r.dataset) & (jac["variant"] == r.variant) & (jac["N"] == r.N) & (jac["seed"] == r.seed)]
+            sub = jac[(jac["dataset"] == r.dataset) & (jac["variant"] == r.variant) & (jac["N"] == r.N)
+                      & (jac["seed"] == r.seed)]
             vals = sub[(sub["image"] == 0) & (sub["t"] == sub["t"].min())].sort_values("rank")["eigenvalue"].to_numpy()[:k]
             plot_eigenvectors(torch.as_tensor(np.asarray(v[:k], dtype=np.float32)), vals if len(vals) == k else None,
                               axes=axes[i])
@@ -542,7 +546,8 @@ def section_attention(ctx: dict) -> None:
             mine = [x for x in runs if x[0].variant == v]
             layers = mine[0][2]
             show = layers[1::2] if len(layers) > 6 else layers
-            fig, axes = plt.subplots(len(mine), len(show), figsize=(1.9 * len(show) + 0.8, 1.9 * len(mine) + 0.5), squeeze=False)
+            fig, axes = plt.subplots(len(mine), len(show), figsize=(1.9 * len(show) + 0.8, 1.9 * len(mine) + 0.5),
+                                     squeeze=False)
             for i, (r, arrays, _, grid) in enumerate(mine):
                 plot_attention_maps([torch.from_numpy(arrays[k][0].astype("float32")) for k in show], grid, axes=axes[i],
                                     titles=[f"layer {k[5:]}" for k in show], panel_size=1.9)
@@ -561,8 +566,9 @@ def section_attention(ctx: dict) -> None:
                 plot_attention_maps([torch.from_numpy(arrays[f"layer{layer}"][j].astype("float32")) for j in range(n_img)],
                                     grid, axes=axes[i], titles=[f"image {j + 1}" for j in range(n_img)])
                 axes[i][0].set_ylabel(f"{_display(ctx, r.variant)}\nN={r.N}", fontsize=7)
-            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, baseline model(s) (seed 004 fig. {8 + (1, 6, 12).index(layer) + 1})",
-                         fontsize=9)
+            seed_figure = 9 + (1, 6, 12).index(layer)
+            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, baseline model(s) "
+                         f"(seed 004 fig. {seed_figure})", fontsize=9)
             _save(fig, ctx["figures_dir"], f"attention_layer{layer}_{d}", ctx["pdf"])
     if not drawn:
         raise NotMeasured("not measured in this study: no attention maps (attention-free backbones or no arrays)")
@@ -647,7 +653,8 @@ def array_files() -> dict[str, list[str]]:
     from .measurements import MEASUREMENTS, load_plugins
 
     load_plugins()
-    return {name: [analysis.study_array_name(o) for o in m.outputs[1:]] for name, m in MEASUREMENTS.items() if len(m.outputs) > 1}
+    return {name: [analysis.study_array_name(o) for o in m.outputs[1:]]
+            for name, m in MEASUREMENTS.items() if len(m.outputs) > 1}
 
 
 def plugin_sections() -> list[Callable[[dict], None]]:
