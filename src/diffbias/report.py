@@ -338,7 +338,7 @@ def section_fid_vs_gflops(ctx: dict) -> None:
         fid=("fid", "mean"), speed=("sampling_images_per_s", "median"))
     per = per.merge(ctx["counts"][["variant", "gmacs"]], on="variant", how="left")
     panels = list(per[["dataset", "N"]].drop_duplicates().sort_values(["dataset", "N"]).itertuples(index=False))
-    fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels) + 1.5, 5.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels) + 1.5, 5.6), squeeze=False, layout="constrained")
     for j, (d, n) in enumerate(panels):
         sub = per[(per["dataset"] == d) & (per["N"] == n)]
         for r in sub.itertuples():
@@ -353,7 +353,8 @@ def section_fid_vs_gflops(ctx: dict) -> None:
         for i in range(2):
             axes[i][j].set_ylabel("FID")
             axes[i][j].set_title(f"{d}, N={n}", fontsize=8)
-    fig.suptitle("(top) FID vs GFLOPs (seed 003 fig. 3); (bottom) FID vs sampling speed, area ∝ GFLOPs (seed 002 fig. 13)")
+    fig.suptitle("(top) FID vs GFLOPs per architecture (cf. seed 003 fig. 3); (bottom) FID vs sampling speed, "
+                 "area ∝ GFLOPs (seed 002 fig. 13)")
     _save(fig, ctx["figures_dir"], "fid_vs_gflops", ctx["pdf"])
 
 
@@ -583,7 +584,7 @@ def section_attention_locality(ctx: dict) -> None:
     metrics = [m for m in ("mass_r1", "mean_distance", "entropy") if m in set(mean["metric"])]
     variants = _variants(ctx, mean)
     fig, axes = plt.subplots(len(metrics), len(variants), figsize=(2.4 * len(variants) + 1.2, 2.2 * len(metrics) + 0.4),
-                             squeeze=False, sharey="row")
+                             squeeze=False, sharey="row", layout="constrained")
     for i, metric in enumerate(metrics):
         for j, v in enumerate(variants):
             sub = mean[(mean["metric"] == metric) & (mean["variant"] == v)]
