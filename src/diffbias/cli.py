@@ -377,6 +377,13 @@ def cmd_report(args) -> None:
     build_report(json.loads(args.study), args.study_dir, args.out)
 
 
+def cmd_aggregate_arrays(args) -> None:
+    """Pack a study's per-run arrays (.npz) into one study-level .npz keyed by run, for the report."""
+    from .analysis import aggregate_arrays
+
+    aggregate_arrays(args.inputs, json.loads(args.runs), args.out, max_items=args.max_items)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="diffbias", description=__doc__)
@@ -496,6 +503,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study-dir", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("aggregate-arrays", help="pack per-run .npz arrays into one study-level .npz keyed by run")
+    p.add_argument("--runs", required=True, help="JSON list of run keys (dataset/variant/N<n>/seed<s>), one per input")
+    p.add_argument("--max-items", type=int, default=None, help="keep the first items along the first axis (a preview)")
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_aggregate_arrays)
 
     args = parser.parse_args(argv)
     args.func(args)

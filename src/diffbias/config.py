@@ -170,9 +170,10 @@ def _check_semantics(config: dict) -> None:
                     raise ConfigError(f"{skey}.variants", f"unknown variant {variant!r}; known: {sorted(config['variants'])}")
                 _check_variant_fits(config, variant, ds, f"variants.{variant}")
                 _check_variant_builds(config, variant, ds)
-        baseline = study.get("baseline")
-        if baseline is not None and baseline not in study["variants"]:
-            raise ConfigError(f"{skey}.baseline", f"baseline {baseline!r} is not one of the study's variants")
+        baseline = study.get("baseline")  # a variant or a list of them (one per backbone, analysis.resolve_baselines)
+        for b in [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline:
+            if b not in study["variants"]:
+                raise ConfigError(f"{skey}.baseline", f"baseline {b!r} is not one of the study's variants")
 
 
 def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> None:

@@ -146,6 +146,8 @@ def study_json(wc) -> str:
             "summary": s.get("summary", ""),
             "variants": s["variants"],
             "baseline": s.get("baseline"),
+            "datasets": datasets,
+            "freeu_grid": s.get("freeu_grid"),
             "N": s["N"],
             "seeds": s["seeds"],
             "labels": {v: variant_label(CFG, v) for v in s["variants"]},
@@ -206,3 +208,46 @@ def train_group(wc):
     pca_runs |= {spec["pca_from"]["variant"] for spec in CFG["variants"].values() if spec.get("pca_from")}
     small = int(wc.n) <= SMALL_TRAIN_N and resource("train", "runtime", 60) <= SMALL_TRAIN_MINUTES
     return "train_small" if small and wc.variant not in pca_runs else None
+
+
+import re as _re
+
+from diffbias.analysis import study_array_name
+
+
+# Study-level array packs: a measurement's per-run outputs after its table (diffbias.measurements) are packed
+# per study by rule aggregate_arrays, so the report reads only files its rule declares.
+# Previews: the FID sample set is tens of thousands of images per run and the report shows 16; attention maps
+# (L x L per layer, 1024^2 at 32x32 patch 1) are drawn for at most six images (seed 004 figs. 9-11).
+ARRAY_PREVIEW_ITEMS = {"fid": 16, "attention": 6}
+
+
+def study_arrays(study: str) -> dict[str, tuple]:
+    """Study-level pack name -> (measurement, per-run file name, per-run files, run keys), for every measured pack."""
+    packs = {}
+    for m in measurements.MEASUREMENTS.values():
+        table = m.table.format(study=study)
+        tables = run_files(study, table)
+        for output in m.outputs[1:]:
+            per_run = output.format(study=study)
+            files = [f"{os.path.dirname(t)}/{per_run}" for t in tables]  # a run's arrays sit beside its table
+            runs = [os.path.relpath(os.path.dirname(t), f"{R}/runs") for t in tables]
+            if files:
+                packs[study_array_name(output).removesuffix(".npz")] = (m, per_run, files, runs)
+    return packs
+
+
+def study_array_files(study: str) -> dict[str, str]:
+    """The report's array inputs: one study-level pack per measured per-run array file."""
+    return {f"arrays_{name}": f"{R}/studies/{study}/arrays/{name}.npz" for name in study_arrays(study)}
+
+
+def report_inputs(study: str) -> dict[str, str]:
+    return study_tables(study) | study_array_files(study)
+
+
+# The aggregate_arrays rule's pack names (every registered per-run array file); matches nothing when none.
+ARRAY_NAMES = "|".join(
+    _re.escape(study_array_name(o).removesuffix(".npz"))
+    for m in measurements.MEASUREMENTS.values() for o in m.outputs[1:]
+) or "(?!)"
