@@ -203,3 +203,11 @@ def test_freeu_grid_samples_and_gmm_masks(tmp_path):
     names = {p.name for p in (study_dir / "figures").iterdir()}
     assert {"freeu_fid.png", "freeu_samples_cifar_uvit_N50_seed0.png", "gmm_masks_cifar_uvit_gmm_N50.png"} <= names
     assert sections["Gaussian-mixture masks"].status == "rendered"
+
+
+def test_the_psnr_caption_says_whether_x0_was_clipped():
+    psnr = pd.DataFrame({"gap": [1.0, 2.0], "x0_clipped": [False, False]})
+    assert "not clipped, as seed 004 eq. 3" in report._clip_note(psnr)
+    assert "clip: true" in report._clip_note(psnr.assign(x0_clipped=True))
+    assert report._clip_note(psnr.assign(x0_clipped=[True, False])).startswith("Mixed")
+    assert "not recorded" in report._clip_note(psnr.drop(columns="x0_clipped"))

@@ -175,7 +175,19 @@ def section_gap_table(ctx: dict) -> None:
     ctx["pdf"].table("Mean PSNR gap (dB), lower is better", layout_table(layout),
                      caption=f"Mean over the respaced steps, then mean ± std over seeds {', '.join(map(str, study['seeds']))}. "
                              "Best value of each column within a block in bold; under each variant its change against "
-                             "its own baseline (same backbone and preset).")
+                             "its own baseline (same backbone and preset). " + _clip_note(ctx["psnr"]))
+
+
+def _clip_note(psnr: pd.DataFrame) -> str:
+    """Which one-step estimate the PSNR used (evaluation.psnr.clip): the seed's unclipped one or the clipped."""
+    if "x0_clipped" not in psnr:
+        return "x0_hat clipping not recorded (a table written before evaluation.psnr.clip existed)."
+    used = set(psnr["x0_clipped"].astype(bool))
+    if used == {False}:
+        return "x0_hat not clipped, as seed 004 eq. 3 (evaluation.psnr.clip: false)."
+    if used == {True}:
+        return "x0_hat clipped to [-1, 1] as the DiT/ADM samplers do (evaluation.psnr.clip: true; the seed does not clip)."
+    return "Mixed: some runs clipped x0_hat and some did not (evaluation.psnr.clip changed between runs)."
 
 
 @section("PSNR of one-step denoising, train vs test", "seed 004 fig. 2 (a, b; UNet vs DiT when the study has both) "
