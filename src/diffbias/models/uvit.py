@@ -251,6 +251,8 @@ class UViT(nn.Module):
     records_attention = True
     has_gmm_masks = True
     supports_freeu = True
+    # rehearsal (config.apply_rehearsal): tiny width, same depth
+    rehearsal_options = {"embed_dim": 32, "num_heads": 2}
 
     def __init__(
         self,
