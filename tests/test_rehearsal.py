@@ -196,3 +196,15 @@ def test_paper_config_rehearses_end_to_end(name, tmp_path):
             assert set(psnr["dataset"]) == set(study_datasets(spec))
     again = snakemake(*_configfiles(name, True), "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("change", ["unknown", "resolution"])
+def test_pca_from_another_dataset_is_checked_before_any_job(change):
+    raw = _raw("paper-004")
+    if change == "unknown":
+        raw["variants"]["xs_pca"]["pca_from"]["dataset"] = "imagenet64"
+    else:
+        raw["datasets"]["imagenet"]["resolution"] = 64
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    assert err.value.key == "variants.xs_pca.pca_from.dataset"

@@ -143,6 +143,13 @@ def _check_semantics(config: dict) -> None:
                 if variant not in config["variants"]:
                     raise ConfigError(f"{skey}.variants", f"unknown variant {variant!r}; known: {sorted(config['variants'])}")
                 _check_variant_fits(config, variant, ds, f"variants.{variant}")
+                pca_dataset = (config["variants"][variant].get("pca_from") or {}).get("dataset")
+                if pca_dataset is not None and pca_dataset in config["datasets"]:  # the PCs are maps of the same token grid
+                    other = config["datasets"][pca_dataset]
+                    if (other["resolution"], other["channels"]) != (ds["resolution"], ds["channels"]):
+                        raise ConfigError(f"variants.{variant}.pca_from.dataset",
+                                          f"{pca_dataset!r} is {other['channels']}x{other['resolution']}^2 but study "
+                                          f"{study_name!r} trains on {dataset!r} at {ds['channels']}x{ds['resolution']}^2")
                 _check_variant_builds(config, variant, ds)
         baseline = study.get("baseline")
         if baseline is not None and baseline not in study["variants"]:
