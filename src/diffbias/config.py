@@ -79,9 +79,10 @@ def validate_config(config: dict) -> dict:
         key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
         raise ConfigError(key, err.message)
     config = _fill_defaults(schema, config, schema)
-    if config.get("rehearsal") and not config["rehearsal"]["applied"]:
-        config = validate_config(apply_rehearsal(config))  # the shrunk config passes every check again
     _check_semantics(config)
+    if config.get("rehearsal") and not config["rehearsal"]["applied"]:
+        # the paper config passed every check above (a rehearsal also rehearses its validation); so does the shrunk one
+        config = validate_config(apply_rehearsal(config))
     return config
 
 
@@ -307,6 +308,8 @@ def _spread(values: list, count: int) -> list:
     """``count`` entries of a sorted list: the first, the last, then evenly between (order kept)."""
     if len(values) <= count:
         return list(values)
+    if count == 1:
+        return [values[-1]]
     picks = {round(i * (len(values) - 1) / (count - 1)) for i in range(count)}
     return [v for i, v in enumerate(values) if i in picks]
 
