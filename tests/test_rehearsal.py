@@ -67,6 +67,7 @@ def test_overlay_keeps_the_design_and_shrinks_the_sizes(name):
         assert ds["source"] == "fixture" and ds["max_images"] == 128
     training = rehearsed["training"]
     assert training["steps"] == 6 and training["batch_size"] == 4
+    assert training["ema_warmup"]  # else a 0.9999 EMA stays at the initialisation and every model samples alike
     for variant in rehearsed["variants"].values():  # per-variant overrides shrink too
         override = variant.get("training", {})
         assert override.get("steps", 6) == 6 and all(s < 6 for s in override.get("snapshot_steps", []))
@@ -194,6 +195,9 @@ def test_paper_config_rehearses_end_to_end(name, tmp_path):
         assert set(psnr["N"]) == set(spec["N"]) and set(psnr["seed"]) == set(spec["seeds"])
         if "dataset" in psnr:
             assert set(psnr["dataset"]) == set(study_datasets(spec))
+        fid_table = results / "studies" / study / "fid.parquet"
+        if fid_table.exists() and len(spec["variants"]) > 1:  # the evaluated weights are the trained ones
+            assert pd.read_parquet(fid_table)["fid"].nunique() > 1, study
     again = snakemake(*_configfiles(name, True), "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
 

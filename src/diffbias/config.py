@@ -348,8 +348,8 @@ def apply_rehearsal(config: dict) -> dict:
     - Grid: per study the first ``max_seeds`` seeds and ``max_datasets`` data sets, ``max_N`` of its N (the
       smallest, the largest, then evenly between); the k-th smallest N left becomes ``N_values[k]`` everywhere
       it is named (studies, evaluation N lists, pca_from), so every comparison over N keeps its order.
-    - Training: ``steps`` steps of batch ``batch_size`` for every variant; snapshot and warm-up steps at the
-      same fractions of the run. Evaluation: a few images and samples, few sampling steps.
+    - Training: ``steps`` steps of batch ``batch_size`` for every variant, EMA with warm-up; snapshot and
+      warm-up steps at the same fractions of the run. Evaluation: a few images and samples, few sampling steps.
     - Outputs: ``<results_root>/<name of the config's results_dir>`` (reports in its ``reports/``), CPU, no GPU
       requests.
     """
@@ -416,9 +416,11 @@ def apply_rehearsal(config: dict) -> dict:
             training["snapshot_steps"] = _scaled_steps(training["snapshot_steps"], total, r["steps"], r["max_snapshots"])
         if training.get("warmup_steps"):
             training["warmup_steps"] = max(1, round(training["warmup_steps"] * r["steps"] / total))
+        # EMA warm-up: with a paper's 0.9999 a few steps leave the EMA at the initialisation, and every model
+        # (zero output at init) would sample the same images: FID and PSNR would not see the trained weights
         for key, value in (("steps", r["steps"]), ("batch_size", r["batch_size"]),
                            ("checkpoint_every", max(1, r["steps"] // 2)), ("log_every", max(1, r["steps"] // 3)),
-                           ("compile", False)):
+                           ("compile", False), ("ema_warmup", True)):
             if key in training or training is cfg["training"]:
                 training[key] = value
 
