@@ -4,6 +4,7 @@ Fast tests check what the overlay keeps and what it shrinks; the slow ones run e
 through the overlay with the local executor (README "Rehearsal") and check the rendered outputs.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -212,3 +213,16 @@ def test_pca_from_another_dataset_is_checked_before_any_job(change):
     with pytest.raises(ConfigError) as err:
         validate_config(raw)
     assert err.value.key == "variants.xs_pca.pca_from.dataset"
+
+
+def test_every_backbone_declares_its_tiny_width_and_every_paper_preset_builds_with_it():
+    from diffbias.config import _meta_build_error
+    from diffbias.models import PRESETS
+
+    for name, cls in BACKBONES.items():
+        assert isinstance(getattr(cls, "rehearsal_options", None), dict), name
+        assert not {"depth", "depths", "num_res_blocks", "channel_mult", "attention"} & set(cls.rehearsal_options), name
+    for preset in PRESETS.values():
+        if not preset.tiny:
+            options = {**preset.options, **BACKBONES[preset.backbone].rehearsal_options}
+            assert _meta_build_error(preset.backbone, json.dumps(options, sort_keys=True), 3, 16, 10) is None, preset.name
