@@ -1,5 +1,5 @@
 # The two commands of the README. Each does all the set-up it needs (idempotent, quick when done).
-.PHONY: setup slurm-cluster run run-seeds test test-fast lint benchmark benchmark-full cost clean
+.PHONY: setup slurm-cluster run run-seeds rehearse test test-fast lint benchmark benchmark-full cost clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,12 @@ slurm-cluster:
 
 run-seeds: setup  ## CPU-scale studies of seeds 000-004 on top of the default
 	. .venv/bin/activate && snakemake --cores all --configfile config.yaml workflow/configs/cpu-seeds.yaml
+
+# A paper config's whole workflow at toy sizes on this machine (README "Rehearsal"):
+#   make rehearse PAPER=paper-004        -> results/rehearsal/paper-004/reports/*.pdf
+PAPER ?= paper-004
+rehearse: setup  ## rehearse PAPER's DAG end to end through workflow/configs/rehearsal.yaml (minutes, CPU)
+	. .venv/bin/activate && snakemake --cores all --configfile workflow/configs/$(PAPER).yaml workflow/configs/rehearsal.yaml
 
 test-fast: setup  ## unit tests only (no Snakemake / SLURM end-to-end runs)
 	. .venv/bin/activate && python -m pytest -q -m "not slow and not slurm"

@@ -64,7 +64,7 @@ def test_models_are_built_once_per_distinct_model_and_shape():
     _meta_build_error.cache_clear()
     validate_config(raw)
     info = _meta_build_error.cache_info()
-    # 13 variants, all at 3x32x32: 13 builds, however many data sets, N and seeds use them
+    # every variant at 3x32x32: one build each, however many data sets, N and seeds use them
     assert info.misses == len(raw["variants"]) and info.hits > 0
     validate_config(raw)
     assert _meta_build_error.cache_info().misses == info.misses

@@ -110,6 +110,9 @@ def validate_config(config: dict) -> dict:
         raise ConfigError(key, err.message)
     config = _fill_defaults(schema, config, schema)
     _check_semantics(config)
+    if config.get("rehearsal") and not config["rehearsal"]["applied"]:
+        # the paper config passed every check above (a rehearsal also rehearses its validation); so does the shrunk one
+        config = validate_config(apply_rehearsal(config))
     return config
 
 
@@ -151,6 +154,8 @@ def _check_semantics(config: dict) -> None:
                 raise ConfigError(f"{key}.pca_from.variant", f"{pca['variant']!r} is not a trained baseline variant")
             if not options.get("pca_layers"):
                 raise ConfigError(f"{key}.options.pca_layers", "a pca_from variant needs the (1-based) layers to replace")
+            if pca.get("dataset") is not None and pca["dataset"] not in config["datasets"]:
+                raise ConfigError(f"{key}.pca_from.dataset", f"unknown dataset {pca['dataset']!r}; known: {sorted(config['datasets'])}")
 
     for study_name, study in config["studies"].items():
         skey = f"studies.{study_name}"
@@ -169,6 +174,13 @@ def _check_semantics(config: dict) -> None:
                 if variant not in config["variants"]:
                     raise ConfigError(f"{skey}.variants", f"unknown variant {variant!r}; known: {sorted(config['variants'])}")
                 _check_variant_fits(config, variant, ds, f"variants.{variant}")
+                pca_dataset = (config["variants"][variant].get("pca_from") or {}).get("dataset")
+                if pca_dataset is not None and pca_dataset in config["datasets"]:  # the PCs are maps of the same token grid
+                    other = config["datasets"][pca_dataset]
+                    if (other["resolution"], other["channels"]) != (ds["resolution"], ds["channels"]):
+                        raise ConfigError(f"variants.{variant}.pca_from.dataset",
+                                          f"{pca_dataset!r} is {other['channels']}x{other['resolution']}^2 but study "
+                                          f"{study_name!r} trains on {dataset!r} at {ds['channels']}x{ds['resolution']}^2")
                 _check_variant_builds(config, variant, ds)
         baseline = study.get("baseline")  # a variant or a list of them (one per backbone, analysis.resolve_baselines)
         for b in [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline:
@@ -280,6 +292,10 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     for study in config["studies"].values():
         for dataset in study_datasets(study):
             wanted[dataset] = max(wanted.get(dataset, 0), *study["N"])
+        for variant in study["variants"]:  # a PCA basis from another data set's run reads that data set too
+            pca = config["variants"][variant].get("pca_from") or {}
+            if pca.get("dataset"):
+                wanted[pca["dataset"]] = max(wanted.get(pca["dataset"], 0), int(pca["N"]))
     for key in sorted(wanted):
         ds = config["datasets"][key]
         if prepared_dir is not None and (Path(prepared_dir) / f"{key}.npz").exists():
@@ -309,6 +325,157 @@ def pool_size(dataset: dict) -> int | None:
 
 def study_datasets(study: dict) -> list[str]:
     return list(study.get("datasets") or [study["dataset"]])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rehearsal: a paper config at toy sizes (workflow/configs/rehearsal.yaml, README "Rehearsal")
+# ----------------------------------------------------------------------------------------------------
+
+# Evaluation sections whose `N` lists name training-set sizes (mapped with the studies' N; None means "all").
+_EVALUATION_N_LISTS = ("fid", "fid_curve", "jacobian", "attention", "gmm_masks")
+
+
+def _spread(values: list, count: int) -> list:
+    """``count`` entries of a sorted list: the first, the last, then evenly between (order kept)."""
+    if len(values) <= count:
+        return list(values)
+    if count == 1:
+        return [values[-1]]
+    picks = {round(i * (len(values) - 1) / (count - 1)) for i in range(count)}
+    return [v for i, v in enumerate(values) if i in picks]
+
+
+def _scaled_steps(steps: list[int], from_total: int, to_total: int, keep: int) -> list[int]:
+    """Snapshot steps of a ``from_total``-step run at the same fractions of a ``to_total``-step run (each in
+    1..to_total-1, duplicates merged), at most ``keep`` of them (the first and the last first)."""
+    scaled = sorted({min(to_total - 1, max(1, round(s * to_total / from_total))) for s in steps})
+    return _spread(scaled, keep) if keep else []
+
+
+def rehearsal_resolution(config: dict, rehearsal: dict) -> int:
+    """The smallest multiple of ``resolution_multiple`` that is at least ``min_resolution`` and holds every
+    attention window of the config at its patch size (window k needs k tokens a side: k * patch pixels)."""
+    from .models import resolve_options
+    from .models.attention import parse_attention_spec
+
+    need = rehearsal["min_resolution"]
+    for variant in config["variants"].values():
+        backbone, options = resolve_options(variant.get("backbone"), variant.get("preset"), variant.get("options"))
+        if _declares(backbone, "has_attention_spec"):
+            windows = [k for k in parse_attention_spec(options.get("attention"), options.get("depth", 12)) if k]
+            need = max([need] + [k * options.get("patch_size", 1) for k in windows])
+    multiple = rehearsal["resolution_multiple"]
+    return -(-need // multiple) * multiple
+
+
+def apply_rehearsal(config: dict) -> dict:
+    """The config's rehearsal: the same variants, studies, attention specs, backbones, N order and DAG shape,
+    at toy sizes. Called by :func:`validate_config` when a ``rehearsal:`` section is present.
+
+    - Models: each backbone's ``rehearsal_options`` (a class attribute: width and heads, never depth) replace
+      the size options of every variant; PCA variants keep their layers with fewer components.
+    - Data: every data set becomes a ``fixture`` data set of the same name and channels (data.load_fixture:
+      deterministic, structured, labelled) at one resolution that holds the largest attention window.
+    - Grid: per study the first ``max_seeds`` seeds and ``max_datasets`` data sets, ``max_N`` of its N (the
+      smallest, the largest, then evenly between); the k-th smallest N left becomes ``N_values[k]`` everywhere
+      it is named (studies, evaluation N lists, pca_from), so every comparison over N keeps its order.
+    - Training: ``steps`` steps of batch ``batch_size`` for every variant, EMA with warm-up; snapshot and
+      warm-up steps at the same fractions of the run. Evaluation: a few images and samples, few sampling steps.
+    - Outputs: ``<results_root>/<name of the config's results_dir>`` (reports in its ``reports/``), CPU, no GPU
+      requests.
+    """
+    from .models import BACKBONES, resolve_options
+
+    cfg = copy.deepcopy(config)
+    r = cfg["rehearsal"]
+    name = Path(cfg["results_dir"]).name or "config"
+    cfg["results_dir"] = f"{r['results_root'].rstrip('/')}/{name}"
+    cfg["reports_dir"] = f"{cfg['results_dir']}/reports"
+    for group in cfg.get("resources", {}).values():  # local rehearsal: no GPU request, short jobs
+        group.update({"gpu": 0, "runtime": min(group.get("runtime", 10), 10), "mem_mb": min(group.get("mem_mb", 4000), 4000)})
+
+    # grid: seeds, data sets and N per study
+    kept_n: dict[str, list[int]] = {}
+    for study_name, study in cfg["studies"].items():
+        study["seeds"] = study["seeds"][: r["max_seeds"]]
+        if "datasets" in study:
+            study["datasets"] = study["datasets"][: r["max_datasets"]]
+        kept = set(_spread(sorted(set(study["N"])), r["max_N"]))
+        kept_n[study_name] = [n for n in study["N"] if n in kept]
+    pca_n = {int(v["pca_from"]["N"]) for v in cfg["variants"].values() if v.get("pca_from")}
+    domain = sorted({n for ns in kept_n.values() for n in ns} | pca_n)
+    if len(domain) > len(r["N_values"]):
+        raise ConfigError("rehearsal.N_values", f"{len(domain)} distinct N kept ({domain}) but only "
+                          f"{len(r['N_values'])} rehearsal values {r['N_values']}")
+    targets = sorted(r["N_values"])[: len(domain)]
+    n_map = dict(zip(domain, targets))
+    for study_name, study in cfg["studies"].items():
+        study["N"] = [n_map[n] for n in kept_n[study_name]]
+    if targets[-1] + r["test_size"] > r["fixture_images"]:
+        raise ConfigError("rehearsal.fixture_images", f"{r['fixture_images']} fixture images cannot hold "
+                          f"N={targets[-1]} plus test_size={r['test_size']}")
+    evaluation = cfg["evaluation"]
+    for section in _EVALUATION_N_LISTS:
+        if evaluation.get(section, {}).get("N") is not None:
+            evaluation[section]["N"] = [n_map[n] for n in evaluation[section]["N"] if n in n_map]
+
+    # data: one fixture data set per name, at one resolution
+    resolution = rehearsal_resolution(cfg, r)
+    for key, ds in cfg["datasets"].items():
+        if resolution > ds["resolution"]:
+            raise ConfigError(f"datasets.{key}.resolution", f"the rehearsal needs {resolution}x{resolution} (largest "
+                              f"attention window x patch), more than the configured {ds['resolution']}")
+        cfg["datasets"][key] = {"source": "fixture", "path": key, "resolution": resolution, "channels": ds["channels"],
+                                "test_size": r["test_size"], "pool_size": None, "max_images": r["fixture_images"]}
+
+    # models: backbone-declared tiny widths, depth and attention spec kept
+    for variant_name, variant in cfg["variants"].items():
+        backbone, _ = resolve_options(variant.get("backbone"), variant.get("preset"), variant.get("options"))
+        tiny = getattr(BACKBONES[backbone], "rehearsal_options", None)
+        if tiny is None:
+            raise ConfigError(f"variants.{variant_name}", f"backbone {backbone!r} declares no rehearsal_options "
+                              f"(a class attribute: tiny width options that keep the depth)")
+        variant["options"] = {**variant.get("options", {}), **copy.deepcopy(tiny)}
+        if variant.get("pca_from"):
+            variant["pca_from"]["N"] = n_map[int(variant["pca_from"]["N"])]
+            variant["pca_from"]["num_images"] = min(variant["pca_from"]["num_images"], r["pca_images"])
+            variant["options"]["pca_components"] = min(variant["options"].get("pca_components", 50), r["pca_components"])
+
+    # training: a few steps; snapshots and warm-up at the same fractions of the run
+    def shrink_training(training: dict, total: int) -> None:
+        if "snapshot_steps" in training:
+            training["snapshot_steps"] = _scaled_steps(training["snapshot_steps"], total, r["steps"], r["max_snapshots"])
+        if training.get("warmup_steps"):
+            training["warmup_steps"] = max(1, round(training["warmup_steps"] * r["steps"] / total))
+        # EMA warm-up: with a paper's 0.9999 a few steps leave the EMA at the initialisation, and every model
+        # (zero output at init) would sample the same images: FID and PSNR would not see the trained weights
+        for key, value in (("steps", r["steps"]), ("batch_size", r["batch_size"]),
+                           ("checkpoint_every", max(1, r["steps"] // 2)), ("log_every", max(1, r["steps"] // 3)),
+                           ("compile", False), ("ema_warmup", True)):
+            if key in training or training is cfg["training"]:
+                training[key] = value
+
+    for variant in cfg["variants"].values():
+        if "training" in variant:
+            shrink_training(variant["training"], variant["training"].get("steps", cfg["training"]["steps"]))
+    shrink_training(cfg["training"], cfg["training"]["steps"])
+
+    psnr, fid, jac, att = (evaluation[k] for k in ("psnr", "fid", "jacobian", "attention"))
+    psnr.update(num_images=min(psnr["num_images"], r["psnr_images"]), respacing=min(psnr["respacing"], r["respacing"]))
+    fid.update(num_samples=r["fid_samples"], max_reference=r["fid_reference"], steps=min(fid["steps"], r["respacing"]),
+               batch_size=min(fid["batch_size"], 64))
+    jac.update(num_images=1, top_k=min(jac["top_k"], r["jacobian_top_k"]), max_products=r["jacobian_products"],
+               block_size=min(jac["block_size"], r["jacobian_products"]))
+    att.update(num_images=min(att["num_images"], r["attention_images"]))
+    for study in cfg["studies"].values():
+        if "freeu_grid" in study:  # every (b, s) point kept: the grid is what the study reports
+            study["freeu_grid"].update(num_samples=r["fid_samples"], max_reference=r["fid_reference"],
+                                       steps=min(study["freeu_grid"]["steps"], r["respacing"]))
+        note = (f"REHEARSAL (not a result): {resolution}x{resolution} fixture data, tiny widths, {r['steps']} "
+                f"training steps, N mapped {n_map}.")
+        study["scale_note"] = f"{note} {study.get('scale_note', '')}".strip()
+    r["applied"] = True
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,8 +531,9 @@ def run_spec(config: dict, run: RunKey) -> dict:
 
 
 def pca_source(run: RunKey, pca_from: dict) -> RunKey:
-    """The baseline run whose attention maps give a PCA variant's basis (same data set and seed)."""
-    return RunKey(run.dataset, pca_from["variant"], int(pca_from["N"]), run.seed)
+    """The baseline run whose attention maps give a PCA variant's basis: same seed, and the run's own data set
+    unless ``pca_from.dataset`` names another (seed 004 app. C: PCs of the ImageNet N = 1e5 model used on CelebA)."""
+    return RunKey(pca_from.get("dataset") or run.dataset, pca_from["variant"], int(pca_from["N"]), run.seed)
 
 
 def spec_hash(spec: dict) -> str:

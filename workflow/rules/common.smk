@@ -166,6 +166,7 @@ def pca_request(wc) -> str:
                    | {"layers": v["options"]["pca_layers"], "components": v["options"].get("pca_components", 50)}, sort_keys=True)
         for v in CFG["variants"].values()
         if v.get("pca_from", {}).get("variant") == wc.variant
+        and v["pca_from"].get("dataset") in (None, wc.dataset)  # a basis from another data set (seed 004 app. C)
     }
     if len(wanted) != 1:
         raise WorkflowError(f"variants using {wc.variant!r} as pca_from ask for different PCA settings: {sorted(wanted)}")

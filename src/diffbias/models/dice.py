@@ -261,6 +261,7 @@ class DICE(nn.Module):
 
     zero_output_at_init = True
     stage_scales = STAGE_SCALES
+    rehearsal_options = {"width": 16}  # rehearsal (config.apply_rehearsal): tiny width, same depths
     # Per-stage loss weights in stage order (1x, 1/2, 1/4) on eps vs ``stage_targets``: only the final
     # output is trained, the seed "avoids additional loss functions" (section 3.1).
     stage_loss_weights = (1.0, 0.0, 0.0)
@@ -403,6 +404,7 @@ class DiceTDN(nn.Module):
 
     zero_output_at_init = False
     stage_scales = STAGE_SCALES
+    rehearsal_options = {"width": 16}  # rehearsal (config.apply_rehearsal): tiny width, same depths
     stage_loss_weights = (1.0, 1.0, 1.0)  # stage order (1x, 1/2, 1/4); equal weights, our choice
 
     def __init__(self, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, learn_sigma: bool = True,

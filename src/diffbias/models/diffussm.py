@@ -227,6 +227,8 @@ class DiffuSSM(nn.Module):
 
     zero_output_at_init = True
     no_weight_decay_keywords = ("log_dt", "log_A_real", "A_imag")
+    # rehearsal (config.apply_rehearsal): tiny width and state, same depth, patch and hourglass
+    rehearsal_options = {"hidden_size": 32, "d_state": 8}
 
     def __init__(
         self,

@@ -279,6 +279,8 @@ class DiMR(nn.Module):
     # configs/DiMR-XL-2R_imagenet256.py loss_coeffs [1/4, 1] are in the official order (16x16, 32x32).
     stage_loss_weights = (1.0, 0.25)
     no_weight_decay_keywords = ("nodecay_weight", "nodecay_bias")  # utils.py: no decay on them
+    # rehearsal (config.apply_rehearsal): tiny widths, same depths per branch
+    rehearsal_options = {"dims": (32, 16), "hidden_dims": (64, 32), "num_heads": 2}
 
     def __init__(self, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, learn_sigma: bool = True,
                  dims: Sequence[int] = (960, 480), hidden_dims: Sequence[int] = (1920, 960),

@@ -166,6 +166,8 @@ class DiT(nn.Module):
     records_attention = True
     has_attention_spec = True
     zero_output_at_init = True
+    # rehearsal (config.apply_rehearsal): tiny width, same depth and attention spec
+    rehearsal_options = {"hidden_size": 32, "num_heads": 2}
 
     def __init__(
         self,

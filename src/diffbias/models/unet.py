@@ -179,6 +179,8 @@ class UNet(nn.Module):
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = True
     zero_output_at_init = True
+    # rehearsal (config.apply_rehearsal): GroupNorm(32)'s smallest width, same levels and res blocks
+    rehearsal_options = {"model_channels": 32}
 
     def __init__(
         self,

@@ -251,6 +251,8 @@ class UViT(nn.Module):
     supports_freeu = True
     # what its custom operator costs (collected by diffbias.metrics.flops.flop_handles)
     flop_handles = {"diffbias::gmm_attention": gmm_attention_flop_handle}
+    # rehearsal (config.apply_rehearsal): tiny width, same depth
+    rehearsal_options = {"embed_dim": 32, "num_heads": 2}
 
     def __init__(
         self,
