@@ -186,6 +186,10 @@ def _check_semantics(config: dict) -> None:
         for b in [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline:
             if b not in study["variants"]:
                 raise ConfigError(f"{skey}.baseline", f"baseline {b!r} is not one of the study's variants")
+        grid = study.get("freeu_grid") or {}
+        for b, s in grid.get("sample_points", []):  # the report shows these points' samples: they must be evaluated
+            if b not in grid["b"] or s not in grid["s"]:
+                raise ConfigError(f"{skey}.freeu_grid.sample_points", f"({b}, {s}) is not on the grid b={grid['b']}, s={grid['s']}")
 
 
 def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> None:
