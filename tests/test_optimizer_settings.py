@@ -8,22 +8,12 @@ import yaml
 
 from diffbias.config import REPO_ROOT, ConfigError, run_spec, study_runs, validate_config
 from diffbias.train import Trainer, make_optimizer, warmup_factor
+from test_train import _spec as train_spec
 
 
 def _spec(steps=8, **training):
-    cfg = {
-        "steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "ema_decay": 0.999, "ema_warmup": True,
-        "hflip": False, "class_conditional": False, "label_dropout": 0.1, "checkpoint_every": 4, "log_every": 2,
-        "grad_clip": None,
-    }
-    cfg.update(training)
-    return {
-        "run": {"dataset": "tiny", "variant": "dit", "N": 20, "seed": 3},
-        "dataset": {"source": "npz", "resolution": 16, "channels": 1, "test_size": 20},
-        "model": {"backbone": "dit", "preset": "DiT-T/2",
-                  "options": {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 4}},
-        "training": cfg,
-    }
+    """test_train's tiny DiT run spec, without flips (the learning-rate checks need nothing else)."""
+    return train_spec(steps, **{"hflip": False, **training})
 
 
 def _lrs_seen(trainer: Trainer) -> list[float]:

@@ -1,6 +1,7 @@
 # Config loading, validation and the run grid. Everything else reads CFG, never `config` directly.
 import json
 import os
+import re as _re
 
 from snakemake.exceptions import WorkflowError
 
@@ -18,6 +19,7 @@ from diffbias.config import (
     variant_label,
 )
 from diffbias import measurements
+from diffbias.analysis import study_array_name
 from diffbias.models import BACKBONES, resolve_options
 
 # A --configfile replaces the embedded default instead of being merged into it.
@@ -210,10 +212,6 @@ def train_group(wc):
     small = int(wc.n) <= SMALL_TRAIN_N and resource("train", "runtime", 60) <= SMALL_TRAIN_MINUTES
     return "train_small" if small and wc.variant not in pca_runs else None
 
-
-import re as _re
-
-from diffbias.analysis import study_array_name
 
 
 # Study-level array packs: a measurement's per-run outputs after its table (diffbias.measurements) are packed
