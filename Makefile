@@ -16,7 +16,7 @@ slurm-cluster:
 	@if [ -n "$$CI" ]; then bash scripts/slurm-local.sh start; \
 	else bash scripts/slurm-local.sh start || echo "[make] no local SLURM cluster: SLURM tests will be skipped"; fi
 
-run-seeds: setup  ## CPU-scale studies of seeds 000-004 on top of the default
+run-seeds: setup  ## CPU-scale studies of papers 000-004 on top of the default
 	. .venv/bin/activate && snakemake --cores all --configfile config.yaml workflow/configs/cpu-seeds.yaml
 
 # A paper config's whole workflow at toy sizes on this machine (README "Rehearsal"):

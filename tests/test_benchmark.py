@@ -61,7 +61,7 @@ def test_training_and_sampling_cover_every_tiny_preset(tiny_run):
 
 
 def test_tiled_local_attention_beats_global_on_a_32x32_grid():
-    """Seed 004's FLOP saving turned into time: k = 3 on 32x32 tokens (DiT-XS/1 heads) does ~1% of the
+    """Paper 004's FLOP saving turned into time: k = 3 on 32x32 tokens (DiT-XS/1 heads) does ~1% of the
     key work; the tiled kernel measures ~4x faster than global here, so 1.5x is a wide margin."""
     torch.manual_seed(0)
     df = benchmark.attention_benchmark(grids=(32,), head_configs=((4, 63),), windows=(3,), impls=("auto",),

@@ -1,4 +1,4 @@
-"""Tests for diffbias.models.dice: DICE (seed 002), its no-hands ablation and the DICE-TDN cascade ablation."""
+"""Tests for diffbias.models.dice: DICE (paper 002), its no-hands ablation and the DICE-TDN cascade ablation."""
 
 import math
 
@@ -293,7 +293,7 @@ def test_flop_handle_counts_signal_function():
     assert math.isclose(counts["DICE-T"]["linear"], counts["DICE-T-nohands"]["linear"])
 
 
-# ---------------------------------------------------------------------------------------------- seed 002 counts
+# ---------------------------------------------------------------------------------------------- paper 002 counts
 
 
 def _dice_closed_form_params(width=1152, mults=(1, 2, 3), depths=(6, 2, 1), cond=1152, C=4, classes=1000, hands=True):
@@ -322,11 +322,11 @@ def test_dice_xl_reproduces_seed_002_parameters_exactly(dice_xl):
 
 
 def test_dice_xl_reproduces_seed_002_gflops_in_its_convention(dice_xl):
-    """Seed 002 table 2: 47.49 "GFlops" = fvcore MACs at 32x32x4 (batch 1, 1000 classes) without this project's
+    """Paper 002 table 2: 47.49 "GFlops" = fvcore MACs at 32x32x4 (batch 1, 1000 classes) without this project's
     handles, i.e. the element-wise signal function costs 0; 1.05 G "Mult-Adds" is torchinfo's count."""
     rows = {r["convention"]: r for r in dice_xl["published"]}
     seed = rows["fvcore-as-shipped"]
-    assert seed["source"] == "seed 002 table 2" and seed["ours_params"] == 178_425_240
+    assert seed["source"] == "paper 002 table 2" and seed["ours_params"] == 178_425_240
     assert abs(seed["ours_gflops"] / 47.49 - 1) <= 5e-3
     assert f"{seed['ours_gflops']:.2f}" == "47.49"  # to the printed digit
     assert abs(dice_xl["gflops_rel_err"]) <= 5e-3

@@ -100,7 +100,7 @@ def test_linear_params_per_block(m):
     d = 16
     model = ds.DiffuSSM(input_size=8, in_channels=1, hidden_size=d, depth=1, hourglass=m, d_state=4)
     n = ds.linear_params_per_block(model)
-    # Seed 003 sec. 4.2 maps: W0 D^2, W_up M D^2, W_down 4 D^2, W1 2D^2, W2 4D^2, W3 2D^2 (h = 2D)
+    # Paper 003 sec. 4.2 maps: W0 D^2, W_up M D^2, W_down 4 D^2, W1 2D^2, W2 4D^2, W3 2D^2 (h = 2D)
     assert n == 13 * d * d + m * d * d == ds.linear_params_closed_form(d, m)
     if m == 2:
         assert n == 15 * d * d

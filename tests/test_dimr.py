@@ -1,4 +1,4 @@
-"""Tests for diffbias.models.dimr: the official two-branch DiMR (/2R), seed 002's DiMR baseline."""
+"""Tests for diffbias.models.dimr: the official two-branch DiMR (/2R), paper 002's DiMR baseline."""
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def test_registry():
     assert PRESETS["DiMR-T/2R"].tiny and PRESETS["DiMR-T/2R"].backbone == "dimr"
     ref = PRESETS["DiMR-XL/2R"].reference
     assert ref["params"] == 505e6 and ref["gflops"] == 160.0 and ref["convention"] == "diffbias"
-    seed = [r for r in PRESETS["DiMR-XL/2R"].references() if r["source"] == "seed 002 table 2"]
+    seed = [r for r in PRESETS["DiMR-XL/2R"].references() if r["source"] == "paper 002 table 2"]
     assert seed and seed[0]["params"] == 107_452_688 and seed[0]["reproducible"] is False
 
 
@@ -213,7 +213,7 @@ def test_xl_reproduces_the_official_readme(xl):
     assert abs(xl["gflops"] / 160 - 1) <= 1e-2 and abs(xl["gflops_rel_err"]) <= 1e-2
     # attention matmuls: 39 blocks x 2 x 257^2 tokens (class token + 16x16) x 960
     assert xl["by_operator"]["scaled_dot_product_attention"] == 39 * 2 * 257 ** 2 * 960
-    seed = [r for r in xl["published"] if r["source"] == "seed 002 table 2"][0]
+    seed = [r for r in xl["published"] if r["source"] == "paper 002 table 2"][0]
     assert seed["reproducible"] is False and seed["ours_params"] != seed["params"]
 
 

@@ -78,9 +78,9 @@ def test_summary_breakdown(dit_summaries):
 
 
 def test_seed004_dit_counts_recorded():
-    """DiT-XS/1 and DiT-S/1 at 32x32x3, unconditional, learned sigma (seed 004 table 4): our counts.
+    """DiT-XS/1 and DiT-S/1 at 32x32x3, unconditional, learned sigma (paper 004 table 4): our counts.
 
-    Seed 004 figure 3 gives 300.49 GFLOPs / 51.16M parameters for its DiT; see test_unet.py for the
+    Paper 004 figure 3 gives 300.49 GFLOPs / 51.16M parameters for its DiT; see test_unet.py for the
     FLOP convention that reproduces the seed's UNet/DiT pair. No DiT-XS/1 variant reaches 51.16M.
     """
     xs = model_summary("DiT-XS/1", input_size=32, in_channels=3, num_classes=0)
@@ -234,16 +234,16 @@ def test_build_for_counting_matches_a_normal_build():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Counting conventions: every published number under its own convention (seed 002 table 2, DiMR README)
+# Counting conventions: every published number under its own convention (paper 002 table 2, DiMR README)
 # ----------------------------------------------------------------------------------------------------
 
 
 def test_seed002_counts_dit_xl2_without_attention_matmuls(dit_summaries):
-    """Seed 002 table 2: DiT-XL/2 114.46 "GFlops" = fvcore without a handle for fused attention (the DiT
+    """Paper 002 table 2: DiT-XL/2 114.46 "GFlops" = fvcore without a handle for fused attention (the DiT
     paper's 118.64 prices QK^T and AV: 28 x 2 x 256^2 x 1152 = 4.23 G); 0.68 "Mult-Adds" = torchinfo."""
     s = dit_summaries["DiT-XL/2"]
     rows = {r["source"]: r for r in s["published"]}
-    seed, paper = rows["seed 002 table 2"], rows["DiT paper table 4"]
+    seed, paper = rows["paper 002 table 2"], rows["DiT paper table 4"]
     assert paper["convention"] == "diffbias" and paper["ours_gflops"] == s["gflops"]
     assert seed["convention"] == "fvcore-as-shipped" and seed["gflops"] == 114.46
     assert f"{seed['ours_gflops']:.2f}" == "114.46"
@@ -296,10 +296,10 @@ def test_published_counts_only_for_the_published_model():
     from diffbias.metrics.flops import format_published, published_counts
 
     rows = published_counts("DiT-XL/2", {"hidden_size": 1152, "depth": 28, "num_heads": 16, "patch_size": 2})
-    assert [r["source"] for r in rows] == ["DiT paper table 4", "seed 002 table 2"]
+    assert [r["source"] for r in rows] == ["DiT paper table 4", "paper 002 table 2"]
     assert published_counts("DiT-XL/2", {"depth": 27}) == [] and published_counts("DiT-T/2") == []
     line = format_published(rows)
-    assert ("seed 002 table 2 [fvcore-as-shipped, 4x32x32, 1000 classes]: 674,834,720 params (ours 674,834,720), "
+    assert ("paper 002 table 2 [fvcore-as-shipped, 4x32x32, 1000 classes]: 674,834,720 params (ours 674,834,720), "
             "114.46 GFLOPs (ours 114.46), 0.68 G mult-adds [torchinfo-mult-adds] (ours 0.68)") in line
     # options that went through JSON (lists for tuples) still name the published model
     assert published_counts("DICE-XL", {"width": 1152, "depths": [6, 2, 1]})[0]["params"] == 178_425_240

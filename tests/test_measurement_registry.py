@@ -1,7 +1,11 @@
-"""The measurement registry (diffbias.measurements): what the workflow and the report read, and a plugin
-measurement (tests/plugins/loss_at_end_measurement.py, docs/adding-a-measurement.md) registered in a
-temporary registry that reaches the DAG (snakemake -n) and the rendered report."""
+"""The measurement registry (diffbias.measurements): built-ins and plugins are the same kind of object, declared in one
+module each, and everything else (config schema, rehearsal, plan, cost, DAG, report) reads the registry.
 
+The example plugin (tests/plugins/loss_at_end_measurement.py, docs/adding-a-measurement.md) is enabled with one line
+(the plugin variable) and is then found in the schema, the plan, the cost estimate, the rehearsal, the DAG
+(snakemake -n) and the rendered report."""
+
+import ast
 import os
 import re
 import subprocess
@@ -12,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffbias import measurements, report
+from diffbias import measurements, plan, report
 from diffbias.measurements import PLUGINS_ENV, Measurement
 from diffbias.models import BACKBONES
 
@@ -25,7 +29,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture
 def temp_registry(monkeypatch):
     """A copy of the registry for one test, with the example plugin importable and enabled."""
-    monkeypatch.setattr(measurements, "MEASUREMENTS", dict(measurements.MEASUREMENTS))
+    monkeypatch.setattr(measurements, "MEASUREMENTS", dict(measurements.load()))
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
     monkeypatch.delitem(sys.modules, PLUGIN, raising=False)
     monkeypatch.setenv(PLUGINS_ENV, PLUGIN)
@@ -33,69 +37,115 @@ def temp_registry(monkeypatch):
     sys.modules.pop(PLUGIN, None)
 
 
-def test_builtin_registry_lists_todays_measurements():
-    per_run = {k: m.table for k, m in measurements.MEASUREMENTS.items() if m.scope == "run"}
-    assert per_run == {"psnr": "psnr.parquet", "fid": "fid.parquet", "fid_curve": "fid_curve.parquet",
-                       "jacobian": "jacobian.parquet", "attention": "attention.parquet", "gmm_masks": "gmm_masks.parquet"}
-    freeu = measurements.MEASUREMENTS["freeu"]
-    assert freeu.scope == "study" and freeu.params == ("b", "s")
-    assert measurements.MEASUREMENTS["fid_curve"].needs_fid_reference and measurements.MEASUREMENTS["fid_curve"].needs_snapshots
-    # every built-in section is one of the report's sections
-    names = {s.__name__ for s in report.SECTIONS}
-    assert {m.section for m in measurements.MEASUREMENTS.values()} <= names
+def micro() -> dict:
+    return yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(measurements.MEASUREMENTS))
-def test_every_registered_command_is_a_cli_subcommand(name):
-    from diffbias.cli import main
+def test_builtins_are_one_module_each_and_fully_declared():
+    registry = measurements.load()
+    assert list(registry)[: len(measurements.BUILTIN)] == list(measurements.BUILTIN)
+    for name in measurements.BUILTIN:
+        m = registry[name]
+        assert (ROOT / f"src/diffbias/measurements/{name}.py").exists()
+        assert callable(m.compute) and m.description and m.sections, name
+        for section in m.sections:  # every section says what it is and which tables it needs
+            assert section.title and section.needs and name in section.needs or "counts" in section.needs, name
+    assert registry["freeu"].scope == "study" and registry["freeu"].key == "freeu_grid"
+    assert registry["fid_curve"].needs == ("snapshots", "shared:fid_reference", "table:fid")
+    assert "fid_reference" in measurements.SHARED_INPUTS
 
-    with pytest.raises(SystemExit) as exc:
-        main([measurements.MEASUREMENTS[name].command, "--help"])
-    assert exc.value.code == 0
+
+def test_no_module_outside_a_measurement_names_one():
+    """The harness's core modules and the workflow rules hold no measurement's name: they read the registry."""
+    registry = measurements.load()
+    names = set(registry) | {m.key for m in registry.values()} | set(measurements.SHARED_INPUTS)
+    # a string that is a measurement's name but means something else there
+    other_meaning = {("config.py", "attention"): "the DiT option options.attention, a per-layer window spec"}
+    core = ["config.py", "plan.py", "cost.py", "report.py", "cli.py", "measure.py", "runs.py", "sections.py",
+            "analysis.py", "typeset.py", "io.py", "counts.py"]
+    for module in core:
+        tree = ast.parse((ROOT / "src/diffbias" / module).read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        found = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 and id(node) not in docstrings and node.value in names and (module, node.value) not in other_meaning}
+        assert not found, f"{module} names measurements {found}"
+    for rules in [ROOT / "Snakefile", *sorted((ROOT / "workflow/rules").glob("*.smk"))]:
+        code = "\n".join(line.split("#")[0] for line in rules.read_text().splitlines())
+        found = {n for n in names if re.search(rf"[\"']{n}[\"']|\b{n}\.", code)}
+        assert not found, f"{rules.name} names measurements {found}"
 
 
 def test_applies_by_n_and_by_declared_capability():
-    ev = {"fid": {"N": [50]}, "gmm_masks": {"N": None}}
-    fid, gmm, psnr = (measurements.MEASUREMENTS[k] for k in ("fid", "gmm_masks", "psnr"))
-    assert fid.applies(ev, 50, BACKBONES["dit"], {}) and not fid.applies(ev, 10, BACKBONES["dit"], {})
-    assert psnr.applies(ev, 10, BACKBONES["diffussm"], {})
-    assert gmm.applies(ev, 10, BACKBONES["uvit"], {"gmm": True})
-    assert not gmm.applies(ev, 10, BACKBONES["uvit"], {"gmm": False})
-    assert not gmm.applies(ev, 10, BACKBONES["dit"], {"gmm": True})  # DiT declares no GMM masks
-    # capabilities are declared by every backbone, not inferred from its name
-    for cls in BACKBONES.values():
+    registry = measurements.load()
+    fid, gmm, psnr, att = (registry[k] for k in ("fid", "gmm_masks", "psnr", "attention"))
+    assert fid.applies({"N": [50]}, 50, BACKBONES["dit"], {}) and not fid.applies({"N": [50]}, 10, BACKBONES["dit"], {})
+    assert psnr.applies({"N": None}, 10, BACKBONES["diffussm"], {})
+    assert gmm.applies({"N": None}, 10, BACKBONES["uvit"], {"gmm": True})
+    assert not gmm.applies({"N": None}, 10, BACKBONES["uvit"], {"gmm": False})
+    assert not gmm.applies({"N": None}, 10, BACKBONES["dit"], {"gmm": True})  # DiT declares no GMM masks
+    assert not att.applies({"N": None}, 10, BACKBONES["dice"], {})  # attention-free: nothing to measure
+    for cls in BACKBONES.values():  # capabilities are declared by every backbone, not inferred from its name
         assert isinstance(cls.records_attention, bool)
 
 
-def test_plugin_registers_in_a_temporary_registry(temp_registry):
+def test_a_measurement_is_one_module_plus_one_registry_line(temp_registry):
+    """With the plugin variable set (its one line), the plugin's module alone reaches schema, plan, cost, rehearsal
+    and report."""
+    from diffbias import cost
+    from diffbias.config import ConfigError, validate_config
+
     assert "loss_at_end" not in temp_registry.MEASUREMENTS
-    assert temp_registry.load_plugins() == [PLUGIN]
-    m = temp_registry.plugins()["loss_at_end"]
-    assert m.table == "loss_at_end.parquet" and not m.builtin and callable(m.section)
-    assert "loss_at_end" in temp_registry.per_run() and "loss_at_end" in temp_registry.report_tables()
+    temp_registry.load()
+    m = temp_registry.MEASUREMENTS["loss_at_end"]
     with pytest.raises(ValueError, match="registered twice"):
-        temp_registry.register_measurement(Measurement("loss_at_end", builtin=False, compute=len))
+        temp_registry.register_measurement(Measurement("loss_at_end", compute=len))
 
-
-def test_plugin_settings_are_schema_validated_with_their_defaults(temp_registry):
-    from diffbias.config import ConfigError, section_settings, validate_config
-
-    temp_registry.load_plugins()
-    base = yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
-    filled = validate_config(base)["evaluation"]["loss_at_end"]
-    assert filled == {"N": None, "t": [10, 100, 500], "num_images": 8, "noise_seed": 0}  # the plugin's defaults
-    assert section_settings(("evaluation", "loss_at_end"), {"t": [50]})["num_images"] == 8
-    base["evaluation"]["loss_at_end"] = {"t": "late"}
-    with pytest.raises(ConfigError, match=r"evaluation\.loss_at_end\.t"):
-        validate_config(base)
-    base["evaluation"]["loss_at_end"] = {"tee": [1]}  # a typo is an error, not an ignored key
+    raw = micro()
+    cfg = validate_config(raw)  # schema: its section with its defaults
+    assert cfg["evaluation"]["loss_at_end"] == {"N": None, "t": [10, 100, 500], "num_images": 8, "noise_seed": 0}
+    raw["evaluation"]["loss_at_end"] = {"tee": [1]}  # a typo is an error naming the key
     with pytest.raises(ConfigError, match="evaluation.loss_at_end"):
-        validate_config(base)
+        validate_config(raw)
+
+    assert "loss_at_end" in plan.instances(cfg)  # plan: every run of the study, a study table
+    assert plan.study_tables(cfg, "micro")["loss_at_end"].endswith("studies/micro/loss_at_end.parquet")
+    assert len(plan.table_inputs(cfg, "micro", "loss_at_end")) == 4
+
+    runs = cost.run_costs(cfg)  # cost: its own column, 3 t x 8 images forwards
+    row = runs.iloc[0]
+    assert row["loss_at_end"] == pytest.approx(3 * 8 * 2 * row["gmacs"] / 1e3)
+
+    overlay = yaml.safe_load((ROOT / "workflow/configs/rehearsal.yaml").read_text())
+    overlay["rehearsal"]["min_resolution"] = 8  # the micro config's 8x8 images
+    rehearsed = validate_config({**micro(), "evaluation": {**micro()["evaluation"], "loss_at_end": {"N": [50]}}, **overlay})
+    assert rehearsed["evaluation"]["loss_at_end"]["N"] == [16] and rehearsed["evaluation"]["loss_at_end"]["num_images"] == 4
+
+    assert m.sections[0] in report.sections()  # report: its section after the built-ins'
+
+
+def test_measure_runs_a_plugin_like_a_builtin(temp_registry, tiny_dataset, tmp_path):
+    from diffbias.cli import main
+    from diffbias.config import RunKey, run_spec, validate_config
+    from diffbias.train import Trainer
+
+    cfg = validate_config({
+        "datasets": {"tiny": {"source": "npz", "path": "unused.npz", "resolution": 16, "channels": 1, "test_size": 20}},
+        "training": {"steps": 2, "batch_size": 4, "checkpoint_every": 10, "log_every": 1},
+        "variants": {"v": {"preset": "DiT-T/2"}},
+        "studies": {"s": {"dataset": "tiny", "variants": ["v"], "N": [40], "seeds": [0]}},
+    })
+    Trainer(run_spec(cfg, RunKey("tiny", "v", 40, 0)), tiny_dataset, tmp_path, tmp_path / "ck.pt", device="cpu").run(progress=False)
+    main(["measure", "loss_at_end", "--model", str(tmp_path / "model.pt"), "--data", str(tiny_dataset), "--out",
+          str(tmp_path / "loss.parquet"), "--config", '{"t": [5, 50], "num_images": 3}', "--device", "cpu"])
+    table = pd.read_parquet(tmp_path / "loss.parquet")
+    assert list(table["t"]) == [5, 50] and (table["num_images"] == 3).all() and set(table["N"]) == {40}
 
 
 def _config(tmp: Path) -> Path:
     """The micro study at N=10 only, without FID, Jacobian and attention (seconds per job)."""
-    cfg = yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
+    cfg = micro()
     cfg["studies"]["micro"]["N"] = [10]
     cfg["evaluation"].update(fid={"N": []}, fid_curve={"N": []}, jacobian={"N": []}, attention={"N": []})
     path = tmp / "micro-plugin.yaml"
@@ -137,22 +187,7 @@ def test_plugin_measurement_reaches_the_rendered_report(tmp_path, temp_registry)
     assert table["loss"].between(0, 10).all() and "label" in table
     assert "w/ Local" in (study_dir / "tables/loss_at_end.md").read_text()  # written by the plugin's section
     assert (tmp_path / "reports/micro.pdf").read_bytes()[:4] == b"%PDF"
+    import json
 
-    # the plugin's section is one page of the rendered report: render it with and without the plugin
-    study = {"name": "micro", "title": "micro end-to-end study", "scale_note": "", "summary": "",
-             "variants": ["dit", "dit_local"], "baseline": "dit", "N": [10], "seeds": [0],
-             "labels": {"dit": "dit", "dit_local": "w/ Local"}}
-    pages = {}
-    for enabled in (True, False):
-        os.environ[PLUGINS_ENV] = PLUGIN if enabled else ""
-        registry = dict(measurements.MEASUREMENTS)
-        if not enabled:
-            measurements.MEASUREMENTS.pop("loss_at_end", None)
-        (study_dir / "tables/loss_at_end.md").unlink(missing_ok=True)
-        out = tmp_path / f"report-{enabled}.pdf"
-        report.build_report(study, study_dir, out)
-        pages[enabled] = len(re.findall(rb"/Type\s*/Page\b", out.read_bytes()))
-        assert (study_dir / "tables/loss_at_end.md").exists() == enabled
-        measurements.MEASUREMENTS.clear()
-        measurements.MEASUREMENTS.update(registry)
-    assert pages[True] == pages[False] + 1
+    contents = json.loads((study_dir / "tables/report_sections.json").read_text())
+    assert "Held-out denoising loss at the end of training" in [s["title"] for s in contents["sections"]]

@@ -1,4 +1,4 @@
-"""Per-variant optimiser settings: AdamW betas and a linear learning-rate warm-up (U-ViT's recipe, seed 000)."""
+"""Per-variant optimiser settings: AdamW betas and a linear learning-rate warm-up (U-ViT's recipe, paper 000)."""
 
 import copy
 

@@ -23,7 +23,7 @@ T = 250
 def study() -> dict:
     return {"name": "fig6", "title": "local vs global", "scale_note": "synthetic", "summary": "", "variants": VARIANTS,
             "baseline": ["xs", "s"], "N": list(N_FACTOR), "seeds": SEEDS, "labels": LABELS, "variant_specs": SPECS,
-            "datasets": list(SCALE), "count_dataset": "celeba", "freeu_grid": None}
+            "datasets": list(SCALE), "count_dataset": "celeba", "papers": ["004"], "settings": {}, "switched_off": {}}
 
 
 def runs():
@@ -40,7 +40,7 @@ def write_study(root) -> tuple:
     meta = {"study": study(), "runs": {}}
     write_parquet(psnr_table(), study_dir / "psnr.parquet", meta)
     fid, curve, log, jac, att = [], [], [], [], []
-    per_run_arrays = {"jacobian_vectors": [], "attention_maps": [], "samples": []}
+    per_run_arrays = {"jacobian": [], "attention": [], "fid": []}
     rng = np.random.default_rng(0)
     for d, v, n, seed in runs():
         i = SEEDS.index(seed)
@@ -68,11 +68,11 @@ def write_study(root) -> tuple:
                                                       "value": 0.1 * layer, "grid_h": 4, "grid_w": 4})
         run_dir = root / "runs" / d / v / f"N{n}" / f"seed{seed}"
         run_dir.mkdir(parents=True)
-        np.savez(run_dir / "jacobian_vectors.npz", eigenvectors=rng.normal(size=(2, 1, 4, 3, 4, 4)).astype("float32"),
+        np.savez(run_dir / "jacobian.npz", eigenvectors=rng.normal(size=(2, 1, 4, 3, 4, 4)).astype("float32"),
                  t=np.array([T]))
         maps = rng.random((6, 16, 16)).astype("float16")
-        np.savez(run_dir / "attention_maps.npz", t=np.array(T), layer1=maps, layer2=maps)
-        np.savez(run_dir / "samples.npz", samples=rng.integers(0, 255, (40, 3, 4, 4), dtype=np.uint8))
+        np.savez(run_dir / "attention.npz", t=np.array(T), layer1=maps, layer2=maps)
+        np.savez(run_dir / "fid.npz", samples=rng.integers(0, 255, (40, 3, 4, 4), dtype=np.uint8))
         key = f"{d}/{v}/N{n}/seed{seed}"
         for name in per_run_arrays:
             per_run_arrays[name].append((key, str(run_dir / f"{name}.npz")))
@@ -91,36 +91,47 @@ def rendered(tmp_path_factory):
     study_dir, per_run_arrays = write_study(root)
     for name, pairs in per_run_arrays.items():  # what rule aggregate_arrays runs
         args = ["aggregate-arrays", "--runs", json.dumps([k for k, _ in pairs]), "--out", str(study_dir / f"arrays/{name}.npz")]
-        cli.main(args + (["--max-items", "16"] if name == "samples" else []) + [p for _, p in pairs])
+        cli.main(args + (["--max-items", "16"] if name == "fid" else []) + [p for _, p in pairs])
     out = root / "fig6.pdf"
     sections = report.build_report(study(), study_dir, out)
     return study_dir, out, sections
 
 
-def test_contents_page_opens_and_sections_say_what_they_reproduce(rendered):
+def test_contents_page_lists_what_the_study_measured_with_its_papers_items(rendered):
     study_dir, out, sections = rendered
     pages = len(re.findall(rb"/Type\s*/Page\b", out.read_bytes()))
-    shown = [s for s in sections if s.pages]
-    assert shown[0].title == "Overview" and shown[0].first_page == 2  # page 1 is the contents
+    assert sections[0].title == "Overview" and sections[0].first_page == 2  # page 1 is the contents
     assert pages == 1 + sum(s.pages for s in sections)
-    for before, after in zip(shown, shown[1:]):
+    for before, after in zip(sections, sections[1:]):
         assert after.first_page == before.first_page + before.pages
     titles = {s.title: s for s in sections}
-    for title, seed_item in (("Mean PSNR gap per data set", "tables 1-3"), ("PSNR gap per training-set size", "fig. 6"),
-                             ("PSNR of one-step denoising, train vs test", "fig. 2"),
-                             ("FID, KID, precision and recall", "tables 1-3"), ("FID over training", "seed 002 fig. 11"),
-                             ("FID against GFLOPs and sampling speed", "seed 003 fig. 3"),
-                             ("Model cost: parameters, GFLOPs, throughput", "seed 002 table 2"),
-                             ("Jacobian eigenvectors and spectra", "fig. 3"), ("Attention maps", "figs. 9-11")):
+    for title, item in (("Mean PSNR gap per data set", "reproduces paper 004 figs. 6-8"),
+                        ("PSNR gap per training-set size", "reproduces paper 004 fig. 6"),
+                        ("PSNR of one-step denoising, train vs test", "reproduces paper 004 fig. 2"),
+                        ("FID, KID, precision and recall", "reproduces paper 004 tables 1-3"),
+                        ("FID over training", "beyond paper 004 (cf. paper 002 fig. 11"),
+                        ("FID against GFLOPs and sampling speed", "beyond paper 004 (cf. paper 003 fig. 3"),
+                        ("Model cost: parameters, GFLOPs, throughput", "beyond paper 004 (cf. paper 002 table 2"),
+                        ("Jacobian eigenvectors and spectra", "reproduces paper 004 fig. 3"),
+                        ("Attention maps", "figs. 9-11")):
         assert titles[title].status == "rendered" and titles[title].pages >= 1, title
-        assert seed_item in titles[title].reproduces, title
-    # what did not run says so, and is listed on the closing page
+        assert titles[title].reproduces.startswith(item) or item in titles[title].reproduces, (title, titles[title].reproduces)
+    # sections of measurements this study did not run, or of designs it does not have, are not in the contents
     for title in ("FreeU-style (b, s) scaling: FID grid", "Gaussian-mixture masks",
-                  "Appendix C: weight sharing and PCA attention"):
-        assert titles[title].status.startswith("not measured in this study") and titles[title].pages == 0
-    assert sections[-1].title == "Not measured in this study" and sections[-1].pages == 1
+                  "Appendix C: weight sharing and PCA attention", "Not in this report"):
+        assert title not in titles
     listed = json.loads((study_dir / "tables/report_sections.json").read_text())
-    assert [entry["title"] for entry in listed] == [s.title for s in sections]
+    assert [entry["title"] for entry in listed["sections"]] == [s.title for s in sections]
+    assert listed["switched_off"] == {} and listed["nothing_drawn"] == []
+
+
+def test_closing_page_says_what_the_config_switched_off(tmp_path):
+    study_dir, _ = write_study(tmp_path)
+    off = {"jacobian": "evaluation.jacobian.N = [] (study N: [1000, 10000])"}
+    sections = report.build_report(study() | {"switched_off": off}, study_dir, tmp_path / "r.pdf")
+    assert sections[-1].title == "Not in this report" and sections[-1].pages == 1
+    listed = json.loads((study_dir / "tables/report_sections.json").read_text())
+    assert listed["switched_off"] == off
 
 
 def test_tables_have_a_column_block_per_dataset_and_own_baselines(rendered):
@@ -157,21 +168,24 @@ def test_figures_are_panel_grids_per_dataset(rendered):
 def test_missing_arrays_are_said_not_silently_skipped(tmp_path):
     study_dir, _ = write_study(tmp_path)
     sections = {s.title: s for s in report.build_report(study(), study_dir, tmp_path / "r.pdf")}
-    assert sections["Attention maps"].status.startswith("not measured in this study")
-    assert sections["Samples"].status.startswith("not measured in this study")
+    assert "Attention maps" not in sections and "Samples" not in sections
+    drawn_nothing = json.loads((study_dir / "tables/report_sections.json").read_text())["nothing_drawn"]
+    assert drawn_nothing == ["Samples: no FID sample arrays", "Attention maps: no attention-map arrays"]
+    assert sections["Not in this report"].pages == 1
     assert sections["Jacobian eigenvectors and spectra"].status == "rendered"  # spectra from the table, a line for the rest
     assert not (study_dir / "figures/jacobian_eigvecs_celeba.png").exists()
 
 
 def test_freeu_grid_samples_and_gmm_masks(tmp_path):
-    """Seed 000: the FID grid over (b, s), samples at the (b, s) points the config lists, learned masks."""
+    """Paper 000: the FID grid over (b, s), samples at the (b, s) points the config lists, learned masks."""
     study_dir = tmp_path / "studies/gmm_s"
     labels = {"uvit": "U-ViT", "uvit_gmm": "U-ViT + GMM"}
     s = {"name": "gmm_s", "title": "gmm", "variants": ["uvit", "uvit_gmm"], "baseline": "uvit", "N": [50], "seeds": [0],
          "labels": labels, "datasets": ["cifar"],
          "variant_specs": {"uvit": {"backbone": "uvit", "preset": "U"}, "uvit_gmm": {"backbone": "uvit", "preset": "U",
                                                                                    "options": {"gmm": True}}},
-         "freeu_grid": {"b": [1.0, 1.8], "s": [1.0, 0.8], "sample_points": [[1.8, 0.8], [1.8, 0.85]]}}
+         "papers": ["000", "001"],
+         "settings": {"freeu": {"b": [1.0, 1.8], "s": [1.0, 0.8], "sample_points": [[1.8, 0.8], [1.8, 0.85]]}}}
     psnr = pd.DataFrame([keys("cifar", v, 50, 0) | {"label": labels[v], "step": 0, "t": 10, "psnr_train": 30.0,
                                                     "psnr_test": 29.0, "gap": 1.0} for v in labels])
     write_parquet(psnr, study_dir / "psnr.parquet", {})
@@ -190,7 +204,7 @@ def test_freeu_grid_samples_and_gmm_masks(tmp_path):
         np.savez(path, **per_point)
         runs.append((f"cifar/{v}/N50/seed0", str(path)))
     cli.main(["aggregate-arrays", "--runs", json.dumps([k for k, _ in runs]), "--out",
-              str(study_dir / "arrays/freeu-samples.npz"), *[p for _, p in runs]])
+              str(study_dir / "arrays/freeu.npz"), *[p for _, p in runs]])
     masks = tmp_path / "gmm.npz"
     np.savez(masks, **{f"in_blocks.{i}": np.ones((2, 4, 4), np.float32) for i in range(2)})
     cli.main(["aggregate-arrays", "--runs", json.dumps(["cifar/uvit_gmm/N50/seed0"]), "--out",
@@ -206,8 +220,10 @@ def test_freeu_grid_samples_and_gmm_masks(tmp_path):
 
 
 def test_the_psnr_caption_says_whether_x0_was_clipped():
+    from diffbias.measurements.psnr import clip_note
+
     psnr = pd.DataFrame({"gap": [1.0, 2.0], "x0_clipped": [False, False]})
-    assert "not clipped, as seed 004 eq. 3" in report._clip_note(psnr)
-    assert "clip: true" in report._clip_note(psnr.assign(x0_clipped=True))
-    assert report._clip_note(psnr.assign(x0_clipped=[True, False])).startswith("Mixed")
-    assert "not recorded" in report._clip_note(psnr.drop(columns="x0_clipped"))
+    assert "not clipped, as paper 004 eq. 3" in clip_note(psnr)
+    assert "clip: true" in clip_note(psnr.assign(x0_clipped=True))
+    assert clip_note(psnr.assign(x0_clipped=[True, False])).startswith("Mixed")
+    assert "not recorded" in clip_note(psnr.drop(columns="x0_clipped"))

@@ -1,7 +1,7 @@
-"""Class-conditional runs are evaluated with their labels (seeds 002/003), through the real measurement commands.
+"""Class-conditional runs are evaluated with their labels (papers 002/003), through the real measurement commands.
 
 For DiT, DiffuSSM, DICE and U-ViT: a class-conditional model trained for a few steps through the real trainer,
-then every measurement command (`python -m diffbias ...` entry point, called in-process) runs on it. A forward
+then every measurement (`python -m diffbias measure ...`, called in-process) runs on it. A forward
 pre-hook on the real model records the labels it was called with: PSNR, Jacobian and attention maps must pass
 each image's own label (from the run's own split), sampling must pass labels drawn uniformly from the sample
 seed, and never the null label or None.
@@ -75,27 +75,27 @@ def test_measurements_of_a_class_conditional_run_use_its_labels(trained_runs, va
     monkeypatch.setattr(TrainedRun, "load", classmethod(lambda cls, *a, **k: run))  # the same run object, hooked
     common = ["--model", str(models[variant]), "--data", str(data), "--device", "cpu"]
 
-    cli.main(["psnr", *common, "--out", str(tmp_path / "psnr.parquet"),
+    cli.main(["measure", "psnr", *common, "--out", str(tmp_path / "psnr.parquet"),
               "--config", json.dumps({"num_images": 4, "respacing": 3})])
     expected = {tuple(labels[train_idx[:4]]), tuple(labels[test_idx[:4]])}
     assert seen and {tuple(y.tolist()) for y in seen} == expected
     assert pd.read_parquet(tmp_path / "psnr.parquet")["gap"].notna().all()
 
     seen.clear()
-    cli.main(["jacobian", *common, "--out", str(tmp_path / "jac.parquet"), "--vectors-out", str(tmp_path / "v.npz"),
+    cli.main(["measure", "jacobian", *common, "--out", str(tmp_path / "jac.parquet"), "--arrays-out", str(tmp_path / "v.npz"),
               "--config", json.dumps({"num_images": 2, "top_k": 2, "method": "lanczos", "max_products": 16})])
     assert seen and {tuple(y.reshape(-1).unique().tolist()) for y in seen} <= {(labels[test_idx[0]],), (labels[test_idx[1]],)}
 
-    seen.clear()
-    cli.main(["attention", *common, "--out", str(tmp_path / "att.parquet"), "--maps-out", str(tmp_path / "m.npz"),
-              "--config", json.dumps({"num_images": 3})])
-    if run.model.records_attention:
+    if run.model.records_attention:  # attention maps apply to backbones that record attention
+        seen.clear()
+        cli.main(["measure", "attention", *common, "--out", str(tmp_path / "att.parquet"), "--arrays-out",
+                  str(tmp_path / "m.npz"), "--config", json.dumps({"num_images": 3})])
         assert seen and all(y.tolist() == labels[test_idx[: len(y)]].tolist() for y in seen)
         assert not pd.read_parquet(tmp_path / "att.parquet").empty
-    assert "images" in np.load(tmp_path / "m.npz").files
+        assert "images" in np.load(tmp_path / "m.npz").files
 
     seen.clear()
-    samples = run.sample(6, steps=2, seed=7, batch_size=4)
+    samples = run.sample(6, sampling_steps=2, seed=7, batch_size=4)
     assert samples.shape == (6, 1, 16, 16) and samples.dtype == np.uint8
     drawn = sampling_labels(10, 6, 7)
     assert [y.tolist() for y in seen if len(y) == 4][0] == drawn[:4].tolist()
@@ -126,11 +126,16 @@ def test_guidance_combines_conditional_and_null_predictions():
 
 
 def test_measurement_settings_come_from_the_schema():
-    filled = section_settings(("evaluation", "psnr"), {"num_images": 4})
-    assert filled == {"num_images": 4, "respacing": 50, "noise_seed": 0, "batch_size": 256, "clip": False}
-    grid = section_settings(("studies", "*", "freeu_grid"), {"b": [1.0], "s": [1.0]})
-    assert grid["keep"] == 16 and grid["num_samples"] == 1000
-    from diffbias.config import ConfigError
+    from diffbias.config import ConfigError, measurement_settings
 
+    filled = measurement_settings("psnr", {"num_images": 4})
+    assert filled == {"N": None, "num_images": 4, "respacing": 50, "noise_seed": 0, "batch_size": 256, "clip": False}
+    assert section_settings(("evaluation", "psnr"), {"num_images": 4}) == filled
+    grid = measurement_settings("freeu", {"b": [1.0], "s": [1.0]})
+    assert grid["keep"] == 16 and grid["num_samples"] == 1000
+    curve = measurement_settings("fid_curve", {"N": [50], "num_samples": 8})  # shares fid's sampling settings
+    assert curve["N"] == [50] and curve["num_samples"] == 8 and curve["sampling_steps"] == 250
     with pytest.raises(ConfigError, match="evaluation.psnr.num_images"):
-        section_settings(("evaluation", "psnr"), {"num_images": "many"})
+        measurement_settings("psnr", {"num_images": "many"})
+    with pytest.raises(ConfigError, match="studies.<study>.freeu_grid"):
+        measurement_settings("freeu", {"b": [1.0]})

@@ -1,4 +1,4 @@
-"""The instrument's sensitivity (seed 004 fig. 2): the PSNR gap sees memorisation, and sees its absence.
+"""The instrument's sensitivity (paper 004 fig. 2): the PSNR gap sees memorisation, and sees its absence.
 
 A tiny DiT trained through the real training loop on 4 Fashion-MNIST images until it memorises them must show
 a clearly positive mean PSNR gap; the same model and recipe on 2000 images must show a gap near 0. If either

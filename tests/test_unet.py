@@ -1,4 +1,4 @@
-"""The improved-diffusion UNet: structure, exact zero at init, attention placement, seed 004 anchors."""
+"""The improved-diffusion UNet: structure, exact zero at init, attention placement, paper 004 anchors."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_resblock_formula(scale_shift):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Seed 004 anchors (section 2.1, figure 3, appendix A.2)
+# Paper 004 anchors (section 2.1, figure 3, appendix A.2)
 # ----------------------------------------------------------------------------------------------------
 
 

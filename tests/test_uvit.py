@@ -1,4 +1,4 @@
-"""U-ViT backbone with GMM-S options (seed 000): shapes, Gaussian mixture masks, FreeU-style scaling."""
+"""U-ViT backbone with GMM-S options (paper 000): shapes, Gaussian mixture masks, FreeU-style scaling."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Study-level tables: tidy aggregation of per-run files and the paper-style comparison tables.
 
-Comparison tables follow seed 004 tables 1-3: one column block per data set (one column per N inside it),
+Comparison tables follow paper 004 tables 1-3: one column block per data set (one column per N inside it),
 rows grouped into blocks, one block per baseline (a header row with the baseline's label, as the paper's
 "DiT-XS/1" block), each row the mean +- std over seeds, the best value of each column within a block in bold,
 and under every compared row its % change against its own baseline. Rows are keyed by variant, never by
@@ -107,12 +107,6 @@ def unpack_arrays(pack) -> dict[str, RunArrays]:
     return {run: RunArrays(pack, run, n) for run, n in names.items()}
 
 
-def study_array_name(per_run_output: str) -> str:
-    """The study-level pack of a registry output: 'freeu-{study}-samples.npz' -> 'freeu-samples.npz' (the file
-    sits under the study's own directory, so the study name is dropped)."""
-    return per_run_output.replace("-{study}", "").replace("{study}", "")
-
-
 def parse_run(run: str) -> tuple[str, str, int, int]:
     """'<dataset>/<variant>/N<n>/seed<s>' -> (dataset, variant, n, seed)."""
     dataset, variant, n, seed = run.split("/")
@@ -149,7 +143,7 @@ def resolve_baselines(study: dict) -> dict[str, str | None]:
     """Each variant's baseline: the listed baseline with the same backbone and preset (variant_specs).
 
     A baseline is its own baseline. A variant whose architecture has no listed baseline is compared with the
-    study's only baseline when it lists exactly one (a cross-backbone comparison such as seed 002's DiT vs
+    study's only baseline when it lists exactly one (a cross-backbone comparison such as paper 002's DiT vs
     DICE); with several listed it has none, so DiT-S/1 is never measured against DiT-XS/1.
     """
     names = baselines_of(study)
@@ -227,7 +221,7 @@ def gap_summary(psnr: pd.DataFrame) -> pd.DataFrame:
 
 
 def gap_table(psnr: pd.DataFrame, study: dict) -> pd.DataFrame:
-    """Seed 004 figs. 6-8 as a table: the mean PSNR gap per run (over the respaced steps), compared per data set."""
+    """Paper 004 figs. 6-8 as a table: the mean PSNR gap per run (over the respaced steps), compared per data set."""
     return compare(per_run_mean(psnr, "gap"), study, "gap", lower_is_better=True)
 
 

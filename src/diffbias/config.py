@@ -60,37 +60,74 @@ def _fill_defaults(schema: dict, instance: Any, root: dict) -> Any:
 
 
 def load_schema() -> dict:
-    """The config schema, with the settings of registered plugin measurements under ``evaluation.<config_key>``
-    (diffbias.measurements: a plugin declares its settings and their defaults there, like a built-in)."""
-    from .measurements import plugins
+    """The config schema: workflow/schemas/config.schema.yaml, plus every registered measurement's settings
+    (diffbias.measurements: each declares its section's properties and defaults) under ``evaluation.<key>``, or under
+    ``studies.<s>.<key>`` for a study-scoped one (FreeU's grid)."""
+    from .measurements import load
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     evaluation = schema["properties"]["evaluation"]["properties"]
-    for m in plugins().values():
-        if m.config_key and m.config_key not in evaluation:
-            props = {"N": {"type": ["array", "null"], "items": {"type": "integer"}, "default": None,
-                           "description": "N whose runs are measured (null: all)"}, **m.settings}
-            evaluation[m.config_key] = {"type": "object", "additionalProperties": False, "default": {},
-                                        "properties": props}
+    study = schema["properties"]["studies"]["additionalProperties"]["properties"]
+    for m in load().values():
+        (study if m.scope == "study" else evaluation)[m.key] = m.schema()
     return schema
 
 
 def section_settings(path: Sequence[str], given: dict) -> dict:
     """One config section (e.g. ``("evaluation", "psnr")``; ``"*"`` steps into a named entry such as a study)
-    validated against its schema and completed with the schema's defaults: what a measurement command receives
-    as ``--config`` JSON, complete whether the rule or a user by hand passes it."""
-    import jsonschema
-
+    validated against its schema and completed with the schema's defaults."""
     root = load_schema()
     schema = root
     for key in path:
         schema = schema["additionalProperties"] if key == "*" else schema["properties"][key]
+    return _validated(schema, given, root, ".".join(path))
+
+
+def measurement_settings(name: str, given: dict) -> dict:
+    """What ``python -m diffbias measure <name>`` receives as ``--config``, validated and completed with the
+    defaults: the measurement's own section, plus the settings it shares with ``settings_from`` (all but N), so the
+    command is complete whether the workflow or a user passes them."""
+    from .measurements import get
+
+    m = get(name)
+    schema = m.schema()
+    if m.settings_from:
+        other = get(m.settings_from).schema()
+        schema = {**schema, "properties": {**{k: v for k, v in other["properties"].items() if k != "N"},
+                                           **schema["properties"]}}
+    where = f"studies.<study>.{m.key}" if m.scope == "study" else f"evaluation.{m.key}"
+    return _validated(schema, given, load_schema(), where)
+
+
+def _validated(schema: dict, given: dict, root: dict, where: str) -> dict:
+    import jsonschema
+
     given = copy.deepcopy(dict(given))
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(given), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         err = errors[0]
-        raise ConfigError(".".join([*path, *map(str, err.absolute_path)]), err.message)
+        raise ConfigError(".".join([where, *map(str, err.absolute_path)]), err.message)
     return _fill_defaults(schema, given, root)
+
+
+def _check_renamed(config: dict) -> None:
+    """Keys renamed so that "steps" means optimiser steps only fail with their new name: measurements declare theirs
+    (``Measurement.renamed``), and ``pca_from.steps`` became ``pca_from.timesteps``."""
+    from .measurements import load
+
+    sections = []
+    for m in load().values():
+        if m.scope == "run":
+            sections.append((f"evaluation.{m.key}", (config.get("evaluation") or {}).get(m.key), m.renamed))
+        else:
+            sections += [(f"studies.{name}.{m.key}", (study or {}).get(m.key), m.renamed)
+                         for name, study in (config.get("studies") or {}).items()]
+    sections += [(f"variants.{name}.pca_from", (v or {}).get("pca_from"), {"steps": "timesteps"})
+                 for name, v in (config.get("variants") or {}).items()]
+    for where, section, renamed in sections:
+        for old, new in renamed.items():
+            if isinstance(section, dict) and old in section:
+                raise ConfigError(f"{where}.{old}", f"renamed: use {where}.{new}")
 
 
 def validate_config(config: dict) -> dict:
@@ -102,6 +139,7 @@ def validate_config(config: dict) -> dict:
 
     schema = load_schema()
     config = copy.deepcopy(dict(config))
+    _check_renamed(config)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
@@ -128,7 +166,10 @@ def _declares(backbone: str, capability: str) -> bool:
 
 
 def _check_semantics(config: dict) -> None:
+    from .measurements import load
     from .models import resolve_options
+
+    measurements = load()
     from .models.attention import check_windows_fit, parse_attention_spec
 
     for name, variant in config["variants"].items():
@@ -186,10 +227,18 @@ def _check_semantics(config: dict) -> None:
         for b in [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline:
             if b not in study["variants"]:
                 raise ConfigError(f"{skey}.baseline", f"baseline {b!r} is not one of the study's variants")
-        grid = study.get("freeu_grid") or {}
-        for b, s in grid.get("sample_points", []):  # the report shows these points' samples: they must be evaluated
-            if b not in grid["b"] or s not in grid["s"]:
-                raise ConfigError(f"{skey}.freeu_grid.sample_points", f"({b}, {s}) is not on the grid b={grid['b']}, s={grid['s']}")
+        for m in measurements.values():  # a measurement's own checks of its settings (FreeU: points on its grid)
+            if m.check and m.scope == "study" and m.key in study:
+                _raise_check(m, study[m.key], f"{skey}.{m.key}")
+    for m in measurements.values():
+        if m.check and m.scope == "run":
+            _raise_check(m, config["evaluation"][m.key], f"evaluation.{m.key}")
+
+
+def _raise_check(m, settings: dict, where: str) -> None:
+    found = m.check(settings)
+    if found:
+        raise ConfigError(f"{where}.{found[0]}", found[1])
 
 
 def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> None:
@@ -335,10 +384,6 @@ def study_datasets(study: dict) -> list[str]:
 # Rehearsal: a paper config at toy sizes (workflow/configs/rehearsal.yaml, README "Rehearsal")
 # ----------------------------------------------------------------------------------------------------
 
-# Evaluation sections whose `N` lists name training-set sizes (mapped with the studies' N; None means "all").
-_EVALUATION_N_LISTS = ("fid", "fid_curve", "jacobian", "attention", "gmm_masks")
-
-
 def _spread(values: list, count: int) -> list:
     """``count`` entries of a sorted list: the first, the last, then evenly between (order kept)."""
     if len(values) <= count:
@@ -388,6 +433,7 @@ def apply_rehearsal(config: dict) -> dict:
     - Outputs: ``<results_root>/<name of the config's results_dir>`` (reports in its ``reports/``), CPU, no GPU
       requests.
     """
+    from .measurements import load as load_measurements
     from .models import BACKBONES, resolve_options
 
     cfg = copy.deepcopy(config)
@@ -418,10 +464,15 @@ def apply_rehearsal(config: dict) -> dict:
     if targets[-1] + r["test_size"] > r["fixture_images"]:
         raise ConfigError("rehearsal.fixture_images", f"{r['fixture_images']} fixture images cannot hold "
                           f"N={targets[-1]} plus test_size={r['test_size']}")
-    evaluation = cfg["evaluation"]
-    for section in _EVALUATION_N_LISTS:
-        if evaluation.get(section, {}).get("N") is not None:
-            evaluation[section]["N"] = [n_map[n] for n in evaluation[section]["N"] if n in n_map]
+    # measurements: N lists mapped like the studies' N, sizes shrunk by each measurement's own `rehearse`
+    for m in load_measurements().values():
+        sections = [cfg["evaluation"][m.key]] if m.scope == "run" else [
+            study[m.key] for study in cfg["studies"].values() if m.key in study]
+        for settings in sections:
+            if settings.get("N") is not None:
+                settings["N"] = [n_map[n] for n in settings["N"] if n in n_map]
+            if m.rehearse:
+                m.rehearse(settings, r)
 
     # data: one fixture data set per name, at one resolution
     resolution = rehearsal_resolution(cfg, r)
@@ -464,17 +515,7 @@ def apply_rehearsal(config: dict) -> dict:
             shrink_training(variant["training"], variant["training"].get("steps", cfg["training"]["steps"]))
     shrink_training(cfg["training"], cfg["training"]["steps"])
 
-    psnr, fid, jac, att = (evaluation[k] for k in ("psnr", "fid", "jacobian", "attention"))
-    psnr.update(num_images=min(psnr["num_images"], r["psnr_images"]), respacing=min(psnr["respacing"], r["respacing"]))
-    fid.update(num_samples=r["fid_samples"], max_reference=r["fid_reference"], steps=min(fid["steps"], r["respacing"]),
-               batch_size=min(fid["batch_size"], 64))
-    jac.update(num_images=1, top_k=min(jac["top_k"], r["jacobian_top_k"]), max_products=r["jacobian_products"],
-               block_size=min(jac["block_size"], r["jacobian_products"]))
-    att.update(num_images=min(att["num_images"], r["attention_images"]))
     for study in cfg["studies"].values():
-        if "freeu_grid" in study:  # every (b, s) point kept: the grid is what the study reports
-            study["freeu_grid"].update(num_samples=r["fid_samples"], max_reference=r["fid_reference"],
-                                       steps=min(study["freeu_grid"]["steps"], r["respacing"]))
         note = (f"REHEARSAL (not a result): {resolution}x{resolution} fixture data, tiny widths, {r['steps']} "
                 f"training steps, N mapped {n_map}.")
         study["scale_note"] = f"{note} {study.get('scale_note', '')}".strip()
@@ -536,7 +577,7 @@ def run_spec(config: dict, run: RunKey) -> dict:
 
 def pca_source(run: RunKey, pca_from: dict) -> RunKey:
     """The baseline run whose attention maps give a PCA variant's basis: same seed, and the run's own data set
-    unless ``pca_from.dataset`` names another (seed 004 app. C: PCs of the ImageNet N = 1e5 model used on CelebA)."""
+    unless ``pca_from.dataset`` names another (paper 004 app. C: PCs of the ImageNet N = 1e5 model used on CelebA)."""
     return RunKey(pca_from.get("dataset") or run.dataset, pca_from["variant"], int(pca_from["N"]), run.seed)
 
 

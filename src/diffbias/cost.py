@@ -5,14 +5,10 @@ multiply-accumulates per image x 2 = FLOPs, :func:`diffbias.metrics.flops.count_
 distinct model and input shape) is multiplied by the number of image-passes each job makes:
 
 - training: steps x batch x 3F (forward + backward = 3 forwards);
-- PSNR gap: 2 splits x K images x respacing steps forwards;
-- FID (runs at ``evaluation.fid.N``): num_samples x steps forwards, plus Inception-v3 (5.7 GMACs per image)
-  on the samples and the reference set; FID curve: the same per EMA snapshot and for the final model;
-- Jacobian (runs at ``evaluation.jacobian.N``), per image and t: "full" = D vector-Jacobian products
-  (3F each), "lanczos" = at most ``max_products`` symmetric products (a forward-mode and a reverse
-  pass: 6F each, an upper bound since Lanczos usually stops earlier);
-- attention maps: 2 x num_images x len(t) forwards; PCA bases (``pca_from``): num_images x len(steps);
-  FreeU grids: |b| x |s| x num_samples x steps forwards per U-ViT run.
+- each measurement on each run it applies to: the forwards and Inception-v3 images (5.7 GMACs each) its module
+  declares (``Measurement.cost``, e.g. PSNR: 2 splits x K images x respaced steps; FID: samples x sampling steps;
+  Jacobian: its product budget); a shared input (the FID reference set) once per (dataset, N, seed);
+- PCA bases (``pca_from``): num_images x len(timesteps) forwards of the source baseline.
 
 GPU-hours = FLOPs / sustained FLOP/s / 3600. The sustained rate is ``--throughput-tflops`` (default 40%
 of an A100's 312 bf16 TFLOP/s = 124.8, a good utilisation for mid-sized transformers; small models at
@@ -28,6 +24,7 @@ import json
 
 import pandas as pd
 
+from . import plan
 from .config import all_runs, run_spec, study_runs
 
 A100_BF16_TFLOPS = 312.0
@@ -48,86 +45,56 @@ def forward_gmacs(backbone: str, options_json: str, channels: int, resolution: i
     return macs / 1e9
 
 
-def _passes(config: dict, run, spec: dict) -> dict[str, float]:
-    """Forward-pass equivalents (in units of one image forward) per job kind for one run."""
-    ev = config["evaluation"]
-    tr = spec["training"]
-    ds = spec["dataset"]
-    D = ds["channels"] * ds["resolution"] ** 2
-    out = {"train": 3.0 * tr["steps"] * tr["batch_size"]}
-    psnr = ev["psnr"]
-    out["psnr"] = 2.0 * psnr["num_images"] * psnr["respacing"]
-    fid = ev["fid"]
-    sampling = fid["num_samples"] * fid["steps"]
-    if run.n in fid["N"]:
-        out["fid"] = float(sampling)
-    if run.n in ev["fid_curve"]["N"]:
-        out["fid_curve"] = float(sampling * (len(tr.get("snapshot_steps", [])) + 1))
-    jac = ev["jacobian"]
-    if run.n in jac["N"]:
-        method = jac.get("method", "auto")
-        if method == "auto":
-            method = "full" if D <= 1024 else "lanczos"
-        per = 3.0 * D if method == "full" else 6.0 * jac.get("max_products", 512)
-        out["jacobian"] = per * jac["num_images"] * len(jac["t"])
-    att = ev["attention"]
-    if att["N"] is None or run.n in att["N"]:
-        out["attention"] = 2.0 * att["num_images"] * len(att["t"])
-    return out
-
-
-def _inception_gmacs(config: dict, run, spec: dict) -> float:
-    fid, ev = config["evaluation"]["fid"], config["evaluation"]
-    reference = min(run.n, fid["max_reference"]) if fid["reference"] == "train" else spec["dataset"]["test_size"]
-    images = 0.0
-    if run.n in fid["N"]:
-        images += fid["num_samples"] + reference
-    if run.n in ev["fid_curve"]["N"]:
-        images += fid["num_samples"] * (len(spec["training"].get("snapshot_steps", [])) + 1) + reference
-    return images * INCEPTION_GMACS
-
-
 def run_costs(config: dict) -> pd.DataFrame:
-    """One row per distinct run: forward GMACs, and TFLOPs per job kind (train, psnr, fid, ...)."""
+    """One row per distinct run: forward GMACs, and TFLOPs per job kind: ``train``, one column per measurement
+    (each prices its own job, ``Measurement.cost``), ``inception`` (Inception-v3 on samples and reference sets;
+    a shared reference set is counted once, split between the runs that read it) and ``pca_basis``."""
     from .config import pca_source
+    from .measurements import SHARED_INPUTS
 
-    rows = []
+    instances = plan.instances(config)
+    rows, shared_users = [], {}
     for run in all_runs(config):
         spec = run_spec(config, run)
         m, ds = spec["model"], spec["dataset"]
         num_classes = NUM_CLASSES_FOR_COUNTING if spec["training"].get("class_conditional") else 0
         gmacs = forward_gmacs(m["backbone"], json.dumps(m["options"], sort_keys=True, default=str),
                               int(ds["channels"]), int(ds["resolution"]), num_classes)
-        row = {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed,
-               "preset": m.get("preset"), "gmacs": gmacs}
-        for kind, passes in _passes(config, run, spec).items():
-            row[kind] = passes * 2 * gmacs / 1e3  # TFLOPs
-        inception = _inception_gmacs(config, run, spec)
-        if inception:
-            row["fid_inception"] = 2 * inception / 1e3
+        tflops = 2 * gmacs / 1e3  # one forward, TFLOPs
+        tr = spec["training"]
+        row = {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed, "preset": m.get("preset"),
+               "gmacs": gmacs, "train": 3.0 * tr["steps"] * tr["batch_size"] * tflops}  # forward + backward = 3F
+        inception = 0.0
+        for name, inst in instances.items():
+            if inst.study and run not in study_runs(config, inst.study):
+                continue
+            if not plan.applies(config, inst, run) or inst.measurement.cost is None:
+                continue
+            c = inst.measurement.cost(spec, plan.instance_settings(config, name))
+            row[inst.measurement.name] = row.get(inst.measurement.name, 0.0) + c.forwards * tflops
+            inception += c.inception_images
+            for need in inst.measurement.needs:
+                if need.startswith("shared:"):
+                    shared_users.setdefault((need[7:], run.dataset, run.n, run.seed), set()).add(len(rows))
+        row["inception"] = inception * 2 * INCEPTION_GMACS / 1e3
         rows.append(row)
+    for (name, dataset, n, _seed), users in shared_users.items():  # once per (dataset, N, seed), split between users
+        shared = SHARED_INPUTS[name]
+        if shared.cost:
+            c = shared.cost(config["datasets"][dataset], plan.shared_settings(config, name), n)
+            for i in users:
+                rows[i]["inception"] += c.inception_images * 2 * INCEPTION_GMACS / 1e3 / len(users)
     df = pd.DataFrame(rows).fillna(0.0)
-    # PCA bases (seed 004 app. C): forwards of the source baseline, once per (source run, request)
+    # PCA bases (paper 004 app. C): forwards of the source baseline, once per (source run, request)
     extra = {}
     for run in all_runs(config):
         pca = config["variants"][run.variant].get("pca_from")
         if pca:
             src = pca_source(run, pca)
-            extra[src] = max(extra.get(src, 0.0), pca["num_images"] * len(pca["steps"]))
+            extra[src] = max(extra.get(src, 0.0), pca["num_images"] * len(pca["timesteps"]))
     for src, passes in extra.items():
         sel = (df.dataset == src.dataset) & (df.variant == src.variant) & (df.N == src.n) & (df.seed == src.seed)
         df.loc[sel, "pca_basis"] = passes * 2 * df.loc[sel, "gmacs"] / 1e3
-    # FreeU grids: per study, every U-ViT run of it
-    for study, s in config["studies"].items():
-        grid = s.get("freeu_grid")
-        if not grid:
-            continue
-        for run in study_runs(config, study):
-            if run_spec(config, run)["model"]["backbone"] != "uvit":
-                continue
-            sel = (df.dataset == run.dataset) & (df.variant == run.variant) & (df.N == run.n) & (df.seed == run.seed)
-            passes = len(grid["b"]) * len(grid["s"]) * grid["num_samples"] * grid["steps"]
-            df.loc[sel, "freeu"] = df.loc[sel].get("freeu", 0.0) + passes * 2 * df.loc[sel, "gmacs"] / 1e3
     return df.fillna(0.0)
 
 
@@ -145,8 +112,7 @@ def gpu_hours(config: dict, *, tflops: float | None = None, benchmark: str | Non
     """Per-run GPU-hours (``runs``) and the per-study summary with a total row (``summary``), plus a note
     saying which throughput was used."""
     df = run_costs(config)
-    kinds = [c for c in ("train", "psnr", "fid", "fid_inception", "fid_curve", "jacobian", "attention", "pca_basis",
-                         "freeu") if c in df.columns]
+    kinds = [c for c in df.columns if c not in ("dataset", "variant", "N", "seed", "preset", "gmacs")]
     if benchmark:
         per_preset, median = throughput_from_benchmark(benchmark)
         rate = df["preset"].map(lambda p: per_preset.get(p, median))

@@ -1,4 +1,4 @@
-"""Image pools, preprocessing and the train/test split of seed paper 004 (appendix A.2).
+"""Image pools, preprocessing and the train/test split of paper 004 (appendix A.2).
 
 Pipeline
 --------
@@ -759,7 +759,7 @@ def load_prepared(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
 
 
 def split_indices(pool_size: int, n_train: int, n_test: int, shuffle_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test indices into a pool, as in seed paper 004, appendix A.2.
+    """Train/test indices into a pool, as in paper 004, appendix A.2.
 
     The whole pool is shuffled once with ``np.random.default_rng(shuffle_seed).permutation(pool_size)``;
     TRAIN is the *last* ``n_train`` entries of that order and TEST the *first* ``n_test``, so they are

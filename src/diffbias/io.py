@@ -109,6 +109,15 @@ def load_torch_checked(path: str | Path, map_location=None) -> Any:
         raise CorruptFileError(f"{path}: checksum matches but torch.load failed: {exc}") from exc
 
 
+def write_npz(path: str | Path, **arrays) -> None:
+    """Arrays as a compressed ``.npz``, atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: given a name, numpy would append ".npz" to it
+            np.savez_compressed(fh, **arrays)
+
+
 def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> None:
     """Write a parquet file atomically, with ``metadata`` (e.g. provenance) as JSON in the schema."""
     import pyarrow as pa

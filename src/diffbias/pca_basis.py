@@ -1,4 +1,4 @@
-"""The PCA basis of a trained baseline's attention maps (seed 004 appendix C): an input to training.
+"""The PCA basis of a trained baseline's attention maps (paper 004 appendix C): an input to training.
 
 A PCA-attention variant (``PCAAttention``, ``DiT.load_pca_basis``) composes each attention map from the
 principal components of a trained baseline's maps; :func:`collect_pca_basis` computes those components.
@@ -6,10 +6,10 @@ It lives outside ``models/`` because it runs a trained model through the attenti
 :mod:`diffbias.metrics.attention_maps` (models never import metrics), and outside ``metrics/`` because its
 result is not a measurement but what a later training run loads.
 
-Timesteps. :func:`collect_pca_basis` takes *respaced* step indices (seed 004 app. C: steps 10, 25, 40 of
+Timesteps. :func:`collect_pca_basis` takes *respaced* step indices (paper 004 app. C: steps 10, 25, 40 of
 50) and maps them to original timesteps through the respaced diffusion's ``timestep_map``.
 
-PCA basis (app. C). The seed composes an attention map as ``coefficients x PCs + delta`` with
+PCA basis (app. C). The paper composes an attention map as ``coefficients x PCs + delta`` with
 delta = 1/L and says delta "ensures that the attention weights of a token sum to 1". Every recorded row
 sums to 1, so the mean map's rows sum to 1 and the rows of every *centred* map sum to 0; the principal
 components of the centred maps lie in the span of the centred maps, so their rows sum to 0 as well.
@@ -134,13 +134,13 @@ def collect_pca_basis(
     pca_seed: int = 0,
     max_memory_bytes: int = 4 << 30,
 ) -> dict[int, Tensor]:
-    """Principal components of the attention maps of a trained baseline (seed 004 appendix C).
+    """Principal components of the attention maps of a trained baseline (paper 004 appendix C).
 
     For every image (N, C, H, W) in [-1, 1] and every *respaced* step s in ``steps`` of a ``respacing``-step
     chain, x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps (eps drawn on the CPU from ``noise_seed``,
     independently per step) goes through the model at its original timestep; the map of every head of
     each requested layer (1-based, call order) is one sample, flattened to a vector of L * L
-    (row-major: entry q * L + k is query q's weight on key k). The seed's setting: 2048 test images x 3
+    (row-major: entry q * L + k is query q's weight on key k). The paper's setting: 2048 test images x 3
     steps x 4 heads = 24,576 maps per layer of DiT-XS/1, 50 components.
 
     PCA is on the centred maps (see the module docstring: this is what makes ``coefficients x PCs + 1/L``
@@ -148,7 +148,7 @@ def collect_pca_basis(
     the model's device and passed to ``torch.pca_lowrank(A, q=num_components + oversample, center=True,
     niter=niter)`` (random sketch seeded with ``pca_seed``), keeping the first ``num_components``
     directions: the extra sketch columns make the last kept components accurate (with q = num_components
-    exactly, the trailing ones of a randomised PCA are visibly off). Otherwise (the seed's setting needs
+    exactly, the trailing ones of a randomised PCA are visibly off). Otherwise (the paper's setting needs
     24,576 x 1024^2 floats, ~100 GB, per layer) the same randomised algorithm runs out of core
     (:func:`streaming_pca`), recomputing the maps (deterministically) on each of its 2 * niter + 2 passes.
 
@@ -222,3 +222,19 @@ def collect_pca_basis(
         L = math.isqrt(per_map[layer])
         out[layer] = result[layer].T.reshape(num_components, L, L).float().cpu().contiguous()
     return out
+
+
+def basis_for_run(model: str, data: str, out: str, request: dict, device: str = "auto", threads: int | None = None) -> None:
+    """The basis a PCA-attention variant asks of a trained baseline run (``request``: layers, components,
+    num_images, timesteps, respacing; diffbias.plan.pca_request), from held-out images as paper 004 app. C does."""
+    from .device import set_threads
+    from .io import provenance, save_torch
+    from .runs import TrainedRun
+
+    set_threads(threads)
+    run = TrainedRun.load(model, data, device, threads=threads)
+    test = run.test_images(request["num_images"])
+    components = collect_pca_basis(run.model, test.x, layers=tuple(request["layers"]), steps=tuple(request["timesteps"]),
+                                   respacing=request["respacing"], num_components=request["components"], labels=test.y)
+    save_torch({"components": components, "request": request, "source": run.run,
+                "provenance": provenance(None, str(run.device))}, out)

@@ -1,9 +1,9 @@
 """A trained run as every measurement sees it: its EMA model, its spec, its training / test / reference
 images with their labels, and how it samples.
 
-The train/test split (seed 004 A.2), loading, device placement and class labels live here once; the
+The train/test split (paper 004 A.2), loading, device placement and class labels live here once; the
 measurement commands in ``cli.py`` only say what to compute. A class-conditional model (``num_classes > 0``,
-``training.class_conditional``) is always evaluated with labels, as seeds 002/003 do:
+``training.class_conditional``) is always evaluated with labels, as papers 002/003 do:
 
 - PSNR, Jacobian, attention maps, PCA basis, plugin measurements: each image with its own label;
 - sampling (FID, FID curve, FreeU grid): labels drawn uniformly over the classes from the sample seed, and no
@@ -26,7 +26,7 @@ from .train import load_trained
 
 
 def reference_indices(pool_size: int, n: int, test_size: int, seed: int, which: str, max_reference: int) -> np.ndarray:
-    """The FID reference set of a run: the first min(N, max_reference) of its training images (seed 004 A.2,
+    """The FID reference set of a run: the first min(N, max_reference) of its training images (paper 004 A.2,
     50k cap) or of its held-out test images, in the run's deterministic split."""
     train_idx, test_idx = data_lib.split_indices(pool_size, n, test_size, seed)
     pool = train_idx if which == "train" else test_idx
@@ -74,18 +74,21 @@ class TrainedRun:
     """One finished run: ``TrainedRun.load(model.pt, data.npz, device)``."""
 
     def __init__(self, model: torch.nn.Module, checkpoint: dict, images: np.ndarray, labels: np.ndarray | None,
-                 device: torch.device):
+                 device: torch.device, threads: int | None = None, inputs: dict[str, str] | None = None):
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.images, self.labels = images, labels  # the whole prepared pool: uint8 (P, C, H, W), int64 (P,)
+        self.threads = threads  # CPU threads of the job (torch and BLAS), for steps that set their own
+        self.inputs = dict(inputs or {})  # a measurement's needs: "snapshots", "shared:<name>", "table:<name>" -> path
 
     @classmethod
-    def load(cls, model_path: str | Path, data_path: str | Path, device: str = "auto") -> "TrainedRun":
+    def load(cls, model_path: str | Path, data_path: str | Path, device: str = "auto", threads: int | None = None,
+             inputs: dict[str, str] | None = None) -> "TrainedRun":
         dev = resolve_device(device)
         model, ckpt = load_trained(model_path, dev)
         images, labels, _ = data_lib.load_prepared(str(data_path))
         if ckpt.get("num_classes", 0) and labels is None:
             raise ValueError(f"{model_path} is class-conditional but {data_path} has no labels")
-        return cls(model, ckpt, images, labels, dev)
+        return cls(model, ckpt, images, labels, dev, threads, inputs)
 
     # -- what the run is ------------------------------------------------------------------------------------
     @property
@@ -140,7 +143,7 @@ class TrainedRun:
         """Another model file of this run (an EMA snapshot), on the run's device."""
         return load_trained(path, self.device)
 
-    def sample(self, num_samples: int, *, steps: int, seed: int, batch_size: int, guidance_scale: float = 1.0,
+    def sample(self, num_samples: int, *, sampling_steps: int, seed: int, batch_size: int, guidance_scale: float = 1.0,
                model: torch.nn.Module | None = None) -> np.ndarray:
         """uint8 (num_samples, C, H, W) samples of this run's model (or of ``model``, e.g. a snapshot)."""
         from .sampling import sample_images
@@ -149,5 +152,5 @@ class TrainedRun:
         labels = sampling_labels(self.num_classes, num_samples, seed)
         if labels is not None and guidance_scale != 1.0:
             model = GuidedModel(model, guidance_scale)
-        return sample_images(model, num_samples, image_shape=self.image_shape, steps=steps, seed=seed,
+        return sample_images(model, num_samples, image_shape=self.image_shape, steps=sampling_steps, seed=seed,
                              batch_size=batch_size, labels=labels)

@@ -142,7 +142,7 @@ class Trainer:
         self.cfg = spec["training"]
         self.out_dir = Path(out_dir)
         self.checkpoint_path = Path(checkpoint_path)
-        # EMA snapshots (seed 002 figs. 11-12) live beside the side checkpoint until the run finishes, so a
+        # EMA snapshots (paper 002 figs. 11-12) live beside the side checkpoint until the run finishes, so a
         # killed job keeps them; write_outputs then publishes them as the run's ema_snapshots/ folder.
         self.snapshot_dir = self.checkpoint_path.with_name(self.checkpoint_path.stem + "-ema-snapshots")
         self.snapshot_steps = sorted(set(self.cfg.get("snapshot_steps", [])))

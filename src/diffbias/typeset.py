@@ -363,7 +363,7 @@ class Document:
             page = "" if s.first_page is None else str(s.first_page + offset + 1)
             width = PORTRAIT[0] - 2 * MARGIN - 0.4
             lines = [(f"{i}. {s.title}", True)]
-            about = "; ".join(([f"reproduces {s.reproduces}"] if s.reproduces else [])
+            about = "; ".join(([s.reproduces] if s.reproduces else [])
                               + ([s.status] if s.status != "rendered" else []))
             lines += [(text, False) for text in (wrap(about, size - 0.5, width) if about else [])]
             need = line_h * (len(lines) + 0.4)

@@ -3,9 +3,9 @@
 
 rule prepare_data:
     output:
-        f"{R}/data/{{dataset}}.npz",
+        DATA,
     params:
-        spec=lambda wc: json.dumps(CFG["datasets"][wc.dataset], sort_keys=True),
+        spec=lambda wc: as_json(CFG["datasets"][wc.dataset]),
     conda:
         "../envs/diffbias.yaml"
     log:

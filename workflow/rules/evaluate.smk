@@ -1,222 +1,61 @@
-# Per-run measurements, then one tidy parquet per study.
+# Every measurement of the registry (diffbias.measurements), built-in or plugin, through one rule: one job per
+# (run, measurement), so that changing one measurement's settings reruns only that measurement. The files a
+# measurement needs besides its run's model and data (EMA snapshots, a shared input, another measurement's table)
+# come from diffbias.plan.measurement_inputs.
+
+TABLE_ONLY = alternatives(n for n, i in INSTANCES.items() if not i.measurement.arrays)
+WITH_ARRAYS = alternatives(n for n, i in INSTANCES.items() if i.measurement.arrays)
 
 
-rule psnr_gap:
-    input:
-        model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
-    output:
-        f"{RUN_DIR}/psnr.parquet",
-    params:
-        cfg=settings_json("evaluation", "psnr"),
-        device=CFG["device"],
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: CFG["threads_per_job"]
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/psnr/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias psnr --model {input.model} --data {input.data} --out {output} --config {params.cfg:q} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-FID_CFG = settings_json("evaluation", "fid")
-
-
-# The reference set depends only on (dataset, N, seed): its Inception features are computed once here and
-# shared by every variant's FID and FID-curve jobs.
-rule fid_reference:
-    input:
-        data=f"{R}/data/{{dataset}}.npz",
-    output:
-        FID_REFERENCE,
-    params:
-        fid=FID_CFG,
-        test_size=lambda wc: CFG["datasets"][wc.dataset]["test_size"],
-        device=CFG["device"],
-    threads: CFG["threads_per_job"]
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/fid_reference/{{dataset}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias fid-reference --data {input.data} --out {output} --n {wildcards.n} --seed {wildcards.seed} "
-        "--test-size {params.test_size} --config {params.fid:q} --device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule fid:
-    input:
-        model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
-        reference=FID_REFERENCE,
-    output:
-        table=f"{RUN_DIR}/fid.parquet",
-        samples=f"{RUN_DIR}/samples.npz",
-    params:
-        fid=FID_CFG,
-        device=CFG["device"],
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: CFG["threads_per_job"]
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/fid/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias fid --model {input.model} --data {input.data} --out {output.table} "
-        "--samples-out {output.samples} --config {params.fid:q} --reference-features {input.reference} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule fid_curve:
-    input:
-        unpack(fid_curve_inputs),
-    output:
-        f"{RUN_DIR}/fid_curve.parquet",
-    params:
-        fid=FID_CFG,
-        device=CFG["device"],
-        final_fid=lambda wc, input: f"--final-fid {input.final_fid}" if "final_fid" in input.keys() else "",
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: CFG["threads_per_job"]
-    resources:
-        # one FID per snapshot plus the final model
-        runtime=lambda wc: resource("evaluate", "runtime", 30) * (1 + len(run_spec(CFG, run_key(wc))["training"]["snapshot_steps"])),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/fid_curve/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias fid-curve --model {input.model} --snapshots {input.snapshots} --data {input.data} "
-        "--out {output} --config {params.fid:q} --reference-features {input.reference} {params.final_fid} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule gmm_masks:
-    input:
-        f"{RUN_DIR}/model.pt",
-    output:
-        table=f"{RUN_DIR}/gmm_masks.parquet",
-        maps=f"{RUN_DIR}/gmm_masks.npz",
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: 1
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/gmm_masks/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias gmm-masks --model {input} --out {output.table} --maps-out {output.maps} "
-        "--threads {threads} > {log} 2>&1"
-
-
-
-
-rule jacobian:
-    input:
-        model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
-    output:
-        table=f"{RUN_DIR}/jacobian.parquet",
-        vectors=f"{RUN_DIR}/jacobian_vectors.npz",
-    params:
-        cfg=settings_json("evaluation", "jacobian"),
-        device=CFG["device"],
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: CFG["threads_per_job"]
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/jacobian/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias jacobian --model {input.model} --data {input.data} --out {output.table} "
-        "--vectors-out {output.vectors} --config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule attention:
-    input:
-        model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
-    output:
-        table=f"{RUN_DIR}/attention.parquet",
-        maps=f"{RUN_DIR}/attention_maps.npz",
-    params:
-        cfg=settings_json("evaluation", "attention"),
-        device=CFG["device"],
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: CFG["threads_per_job"]
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/attention/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias attention --model {input.model} --data {input.data} --out {output.table} "
-        "--maps-out {output.maps} --config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule freeu_grid:
-    input:
-        model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
-    output:
-        table=f"{RUN_DIR}/{FREEU.outputs[0]}",  # freeu-{study}.parquet (diffbias.measurements)
-        samples=f"{RUN_DIR}/{FREEU.outputs[1]}",
-    params:
-        cfg=lambda wc: settings_json("studies", wc.study, FREEU.study_key),
-        device=CFG["device"],
-    group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
-    threads: CFG["threads_per_job"]
-    resources:
-        runtime=resource("evaluate", "runtime", 30),
-        mem_mb=resource("evaluate", "mem_mb", 4000),
-        gpu=resource("evaluate", "gpu", 0),
-    conda:
-        "../envs/diffbias.yaml"
-    log:
-        f"{LOGS}/freeu/{{study}}/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
-    shell:
-        "python -m diffbias freeu-grid --model {input.model} --data {input.data} --out {output.table} "
-        "--samples-out {output.samples} --config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
-
-
-# A registered plugin measurement (diffbias.measurements, docs/adding-a-measurement.md): its resolved config
-# section goes to `python -m diffbias measure` as JSON.
 rule measure:
     input:
-        model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
+        unpack(lambda wc: plan.measurement_inputs(CFG, wc.measurement, run_key(wc))),
     output:
-        f"{RUN_DIR}/{{measurement}}.parquet",
+        table=f"{RUN_DIR}/{{measurement}}.parquet",
     params:
-        cfg=lambda wc: json.dumps(CFG["evaluation"].get(PLUGINS[wc.measurement].config_key or "", {}), sort_keys=True),
+        name=lambda wc: INSTANCES[wc.measurement].measurement.name,
+        cfg=lambda wc: as_json(plan.instance_settings(CFG, wc.measurement)),
+        inputs=lambda wc, input: " ".join(f"--input {arg}" for arg in plan.extra_inputs(dict(input.items()))),
+        arrays=lambda wc, output: f"--arrays-out {output.arrays}" if "arrays" in output.keys() else "",
         device=CFG["device"],
     wildcard_constraints:
-        measurement=PLUGIN_NAMES,
+        measurement=TABLE_ONLY,
     group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # one SLURM job per run's evaluations (slurm/config.yaml)
+    threads: CFG["threads_per_job"]
+    resources:
+        runtime=lambda wc: plan.runtime_minutes(CFG, wc.measurement, run_key(wc)),
+        mem_mb=resource("evaluate", "mem_mb", 4000),
+        gpu=resource("evaluate", "gpu", 0),
+    conda:
+        "../envs/diffbias.yaml"
+    log:
+        f"{LOGS}/measure/{{measurement}}/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+    shell:
+        "python -m diffbias measure {params.name} --model {input.model} --data {input.data} --out {output.table} "
+        "{params.arrays} --config {params.cfg:q} {params.inputs} --device {params.device} --threads {threads} "
+        "> {log} 2>&1"
+
+
+use rule measure as measure_with_arrays with:
+    output:
+        table=f"{RUN_DIR}/{{measurement}}.parquet",
+        arrays=f"{RUN_DIR}/{{measurement}}.npz",
+    wildcard_constraints:
+        measurement=WITH_ARRAYS,
+
+
+# A file several measurements read, built once per (dataset, N, seed), e.g. the FID reference set's features.
+rule shared_input:
+    input:
+        data=DATA,
+    output:
+        plan.pattern("shared", R),
+    params:
+        cfg=lambda wc: as_json(plan.shared_settings(CFG, wc.shared)),
+        test_size=lambda wc: CFG["datasets"][wc.dataset]["test_size"],
+        device=CFG["device"],
+    wildcard_constraints:
+        shared=alternatives(measurements.SHARED_INPUTS),
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -225,21 +64,22 @@ rule measure:
     conda:
         "../envs/diffbias.yaml"
     log:
-        f"{LOGS}/{{measurement}}/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
+        f"{LOGS}/shared/{{shared}}/{{dataset}}/N{{n}}/seed{{seed}}.log",
     shell:
-        "python -m diffbias measure {wildcards.measurement} --model {input.model} --data {input.data} --out {output} "
-        "--config {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
+        "python -m diffbias shared-input {wildcards.shared} --data {input.data} --n {wildcards.n} "
+        "--seed {wildcards.seed} --test-size {params.test_size} --config {params.cfg:q} --out {output} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule aggregate_study:
     input:
-        aggregate_inputs,
+        lambda wc: plan.table_inputs(CFG, wc.study, wc.table),
     output:
-        f"{R}/studies/{{study}}/{{table}}.parquet",
+        plan.pattern("study_table", R),
     params:
         study=study_json,
     wildcard_constraints:
-        table=AGGREGATED_TABLES,  # the registry's measurements (diffbias.measurements) and the training log
+        table=alternatives(["train_log", *measurements.MEASUREMENTS]),
     conda:
         "../envs/diffbias.yaml"
     log:
@@ -250,8 +90,8 @@ rule aggregate_study:
 
 rule counts:
     output:
-        counts=f"{R}/studies/{{study}}/counts.parquet",
-        ops=f"{R}/studies/{{study}}/counts_by_operator.parquet",
+        counts=plan.pattern("study_table", R).replace("{table}", "counts"),
+        ops=plan.pattern("study_table", R).replace("{table}", "counts_by_operator"),
     params:
         study=study_json,
     conda:

@@ -10,29 +10,26 @@ localrules:
 
 rule aggregate_arrays:
     input:
-        lambda wc: study_arrays(wc.study)[wc.array][2],
+        lambda wc: plan.study_arrays(CFG, wc.study)[wc.measurement].files,
     output:
-        f"{R}/studies/{{study}}/arrays/{{array}}.npz",
+        plan.pattern("study_arrays", R),
     params:
-        runs=lambda wc: json.dumps(study_arrays(wc.study)[wc.array][3]),
-        max_items=lambda wc: (
-            f"--max-items {ARRAY_PREVIEW_ITEMS[study_arrays(wc.study)[wc.array][0].name]}"
-            if study_arrays(wc.study)[wc.array][0].name in ARRAY_PREVIEW_ITEMS
-            else ""
-        ),
+        runs=lambda wc: as_json(list(plan.study_arrays(CFG, wc.study)[wc.measurement].runs)),
+        preview=lambda wc: (f"--max-items {items}" if (items := plan.study_arrays(CFG, wc.study)[wc.measurement]
+                                                        .preview_items) else ""),
     wildcard_constraints:
-        array=ARRAY_NAMES,  # the registry's per-run array files (diffbias.measurements)
+        measurement=alternatives(n for n, m in measurements.MEASUREMENTS.items() if m.arrays),
     conda:
         "../envs/diffbias.yaml"
     log:
-        f"{LOGS}/aggregate/{{study}}/arrays_{{array}}.log",
+        f"{LOGS}/aggregate/{{study}}/arrays_{{measurement}}.log",
     shell:
-        "python -m diffbias aggregate-arrays --runs {params.runs:q} {params.max_items} --out {output} {input} > {log} 2>&1"
+        "python -m diffbias aggregate-arrays --runs {params.runs:q} {params.preview} --out {output} {input} > {log} 2>&1"
 
 
 rule report:
     input:
-        unpack(lambda wc: report_inputs(wc.study)),
+        unpack(lambda wc: plan.report_inputs(CFG, wc.study)),
     output:
         pdf=report(f"{REPORTS}/{{study}}.pdf", caption="../report/study.rst", category="Reports"),
         figures=directory(f"{R}/studies/{{study}}/figures"),

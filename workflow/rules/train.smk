@@ -6,11 +6,11 @@
 rule pca_basis:
     input:
         model=f"{RUN_DIR}/model.pt",
-        data=f"{R}/data/{{dataset}}.npz",
+        data=DATA,
     output:
         f"{RUN_DIR}/pca_basis.pt",
     params:
-        pca=lambda wc: pca_request(wc),
+        request=lambda wc: as_json(plan.pca_request(CFG, run_key(wc))),
         device=CFG["device"],
     group: "eval_{dataset}_{variant}_N{n}_seed{seed}"  # with the run's other evaluations (evaluate.smk)
     threads: CFG["threads_per_job"]
@@ -24,23 +24,23 @@ rule pca_basis:
         f"{LOGS}/pca_basis/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias pca-basis --model {input.model} --data {input.data} --out {output} "
-        "--spec {params.pca:q} --device {params.device} --threads {threads} > {log} 2>&1"
+        "--spec {params.request:q} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule train:
     input:
-        unpack(train_inputs),
+        unpack(lambda wc: plan.train_inputs(CFG, run_key(wc))),
     output:
         model=f"{RUN_DIR}/model.pt",
         log=f"{RUN_DIR}/train_log.parquet",
         run=f"{RUN_DIR}/run.json",
         snapshots=directory(f"{RUN_DIR}/ema_snapshots"),
     params:
-        spec=run_spec_json,
-        checkpoint=lambda wc: CHECKPOINT.format(**wc),
+        spec=lambda wc: as_json(run_spec(CFG, run_key(wc))),
+        checkpoint=lambda wc: plan.pattern("checkpoint", R).format(**wc),
         device=CFG["device"],
         pca_arg=lambda wc, input: f"--pca-basis {input.pca_basis}" if "pca_basis" in input.keys() else "",
-    group: train_group
+    group: lambda wc: plan.train_group(CFG, run_key(wc))
     threads: CFG["threads_per_job"]
     resources:
         runtime=lambda wc, attempt: resource("train", "runtime", 60) * attempt,

@@ -1,4 +1,4 @@
-"""Attention maps: recording, locality metrics and figures (seed 004 sec. 2.3, app. B).
+"""Attention maps: recording, locality metrics and figures (paper 004 sec. 2.3, app. B).
 
 Recording. Every module that computes softmax attention inherits ``layers.RecordsAttention``; with
 ``record_attention`` set it stores its (B, heads, Lq, Lk) map softmax(QK^T / sqrt(d)) (eq. 5), after any
@@ -14,7 +14,7 @@ Tokens. Maps may carry leading extra tokens (U-ViT's time/label tokens): a map w
 tokens is split by :func:`infer_grid`; locality metrics and insets use only the H*W patch tokens
 (attention paid to extra tokens counts as mass outside every radius and adds no distance).
 
-Elsewhere. The PCA basis of these maps (seed 004 app. C, an input to training) is built by
+Elsewhere. The PCA basis of these maps (paper 004 app. C, an input to training) is built by
 :mod:`diffbias.pca_basis` with the recording here; the learned U-ViT Gaussian-mixture masks are
 summarised by :mod:`diffbias.metrics.gmm_masks`.
 """
@@ -143,7 +143,7 @@ def attention_maps(model, x_t: Tensor, t, y: Tensor | None = None) -> list[Tenso
 def normalise_for_display(amap: Tensor) -> Tensor:
     """Scale a map linearly to [0, 1] (min -> 0, max -> 1; a constant map -> 0).
 
-    Seed 004 (sec. 2.3, fig. 4) then shows it with a colour map on [0, 0.1], clipping above 0.1.
+    Paper 004 (sec. 2.3, fig. 4) then shows it with a colour map on [0, 0.1], clipping above 0.1.
     """
     amap = torch.as_tensor(amap).float()
     lo, hi = amap.min(), amap.max()
@@ -295,7 +295,7 @@ def attention_analysis(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figure (seed 004 fig. 4)
+# Figure (paper 004 fig. 4)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -312,12 +312,12 @@ def plot_attention_maps(
     path: str | Path | None = None,
     panel_size: float = 2.4,
 ):
-    """Seed 004 fig. 4: one head-averaged L x L map per layer with an inset of the centre token's row.
+    """Paper 004 fig. 4: one head-averaged L x L map per layer with an inset of the centre token's row.
 
     maps_per_layer: as returned by :func:`attention_maps` (each (B, heads, L, L); (heads, L, L) and (L, L)
     also work). layers: 1-based indices into that list (default all). image: which batch element
     (None: average over the batch). Each map is normalised to [0, 1] (:func:`normalise_for_display`) and
-    drawn with the colour map on [0, vmax] (values above clip), vmax = 0.1 as in the seed. The top-right
+    drawn with the colour map on [0, vmax] (values above clip), vmax = 0.1 as in the paper. The top-right
     inset is the row of the centre query token (H // 2, W // 2) of the normalised map reshaped to the
     H x W token grid, on the same colour scale, with the query outlined in red. ``grid``: the token grid
     (default: inferred as square from L). Returns the Figure; saves it to ``path`` when given.

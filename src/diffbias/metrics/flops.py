@@ -27,12 +27,12 @@ under that convention (``model_summary(...)["published"]``, ``scripts/preset_cou
 - ``diffbias`` (default): the above, every handle on; the DiT paper's "Gflops" (anchors.md).
 - ``fvcore-as-shipped``: fvcore with none of the handles above, so fused attention (QK^T and AV inside
   ``scaled_dot_product_attention``), local/GMM attention, FFTs and the DICE signal function cost 0, as
-  when fvcore meets them without a handle. Seed 002 table 2 "GFlops": DiT-XL/2 114.46 = 118.69 minus
+  when fvcore meets them without a handle. Paper 002 table 2 "GFlops": DiT-XL/2 114.46 = 118.69 minus
   the 28 x 2 x 256^2 x 1152 = 4.23 G attention matmuls; DICE-XL 47.49 without the signal function.
 - ``torchinfo-mult-adds``: torchinfo's "Total mult-adds" (torchinfo 1.8 ``LayerInfo.calculate_macs``,
   summed over leaf modules): a convolution costs its weight + bias numel x output positions, any other
   leaf module its weight + bias numel once per image (a Linear applied to 256 tokens counts once).
-  Seed 002 table 2 "Mult-Adds": DiT-XL/2 0.68 G (its parameters plus the patch conv x 256), DICE-XL 1.05 G.
+  Paper 002 table 2 "Mult-Adds": DiT-XL/2 0.68 G (its parameters plus the patch conv x 256), DICE-XL 1.05 G.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ CONVENTIONS: dict[str, str] = {
     "diffbias": "fvcore MACs with this project's handles (attention matmuls, local/GMM attention, FFTs, "
                 "DICE signal function priced); the DiT paper's convention",
     "fvcore-as-shipped": "fvcore MACs without this project's handles: fused attention matmuls and custom "
-                         "element-wise operators cost 0 (seed 002 table 2 'GFlops')",
+                         "element-wise operators cost 0 (paper 002 table 2 'GFlops')",
     "torchinfo-mult-adds": "torchinfo 'Total mult-adds': conv params x output positions, other leaf layers' "
-                           "params once per image (seed 002 table 2 'Mult-Adds')",
+                           "params once per image (paper 002 table 2 'Mult-Adds')",
 }
 DEFAULT_CONVENTION = "diffbias"
 

@@ -1,4 +1,4 @@
-"""The learned Gaussian-mixture attention masks of U-ViT (seed 000 section 3.1 and appendix): table and figure.
+"""The learned Gaussian-mixture attention masks of U-ViT (paper 000 section 3.1 and appendix): table and figure.
 
 A backbone that learns such masks exposes ``gmm_masks()`` ({block name: (heads, N, N) mask}) and
 ``named_blocks()`` (see ``docs/model-contract.md``); every other model gives an empty table.

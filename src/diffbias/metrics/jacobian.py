@@ -1,11 +1,11 @@
-"""Jacobian eigenvectors of the denoiser (seed 004 section 2.2, figs. 1 and 3, appendix A.4).
+"""Jacobian eigenvectors of the denoiser (paper 004 section 2.2, figs. 1 and 3, appendix A.4).
 
 Following Kadkhodaie et al. (2024), the object analysed is the Jacobian of the *denoiser*, the one-step
 estimate of the clean image as a function of its noisy input,
 
     x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t),     J = d x0_hat / d x_t,
 
-a (D, D) matrix with D = C * H * W (pixels and channels flattened in C, H, W order). The seed's
+a (D, D) matrix with D = C * H * W (pixels and channels flattened in C, H, W order). The paper's
 appendix A.4 writes the Jacobian of the eps network instead; the two differ by an affine map,
 
     J_denoiser = (I - sqrt(1 - abar_t) J_eps) / sqrt(abar_t),
@@ -400,7 +400,7 @@ def jacobian_analysis(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figure (seed 004 fig. 1b / fig. 3: split-channel eigenvectors with R/G/B box outlines)
+# Figure (paper 004 fig. 1b / fig. 3: split-channel eigenvectors with R/G/B box outlines)
 # ----------------------------------------------------------------------------------------------------
 
 _CHANNEL_COLOURS = ("red", "green", "blue")
@@ -418,7 +418,7 @@ def plot_eigenvectors(
 ):
     """Plot eigenvectors (k, C, H, W) as images; returns the matplotlib Figure.
 
-    Each eigenvector's channels are laid side by side (split-channel view, seed 004 fig. 1b) and each
+    Each eigenvector's channels are laid side by side (split-channel view, paper 004 fig. 1b) and each
     channel is outlined with a coloured box: red, green, blue for C = 3 (further channels black); a
     one-channel eigenvector gets a single black box. Every eigenvector is shown on a symmetric colour
     scale [-m, m], m = its largest absolute entry (the sign of an eigenvector is arbitrary).

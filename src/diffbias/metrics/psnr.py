@@ -1,11 +1,11 @@
-"""PSNR gap (seed 004 eqs. 2-4, appendix A.3).
+"""PSNR gap (paper 004 eqs. 2-4, appendix A.3).
 
 For each respaced step t: noise K clean images, predict eps with the (EMA) model, take the one-step
 estimate x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (the VP inversion of
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the seed's eq. 3 writes it for a variance-exploding
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the paper's eq. 3 writes it for a variance-exploding
 parameterisation), then PSNR = 10 log10(M^2 / mean_k MSE_k) with M = 2 for data in [-1, 1]: the MSE is
-averaged over the K images first, as the seed says (Kadkhodaie et al. average per-image PSNRs instead).
-x0_hat is not clipped by default, as in the seed's eq. 3 and Kadkhodaie et al.; ``clip=True``
+averaged over the K images first, as the paper says (Kadkhodaie et al. average per-image PSNRs instead).
+x0_hat is not clipped by default, as in the paper's eq. 3 and Kadkhodaie et al.; ``clip=True``
 (config ``evaluation.psnr.clip``) clips it to the data range [-1, 1] as the DiT/ADM samplers do
 (clip_denoised): near t = T the estimate divides by sqrt(abar_t) ~ 0.006 and the unclipped PSNR there
 mostly measures that blow-up, for train and test alike. The table records which was used (x0_clipped).

@@ -1,24 +1,24 @@
-"""DICE (Denoising Cascade, seed 002) and its "w/o hands, time-dependent norms" cascade ablation.
+"""DICE (Denoising Cascade, paper 002) and its "w/o hands, time-dependent norms" cascade ablation.
 
-DICE (seed 002 section 3, constants from the authors' public code)
+DICE (paper 002 section 3, constants from the authors' public code)
 -----------------------------------------------------------------
-The seed states the stages (1x, 1/2, 1/4 resolution; widths 1x, 2x, 3x a base of 1152; 6, 2, 1 blocks),
+The paper states the stages (1x, 1/2, 1/4 resolution; widths 1x, 2x, 3x a base of 1152; 6, 2, 1 blocks),
 the block (ConvNeXt with a duplicated 7x7 depthwise conv, the "hands", joined by the signal function),
 adaLN-Zero conditioning and N(0, 0.02) init, but not the MLP ratio, norms, stems or heads. Those come from
 the authors' DeltaConvNeXt block (github Aveygo/DeltaConvNeXt ``arch.py``) and their DiT fork
 (Aveygo/DiNext ``archs/scratch.py``, ``test.py``: trainable-parameter count); with them DICE-XL has
-exactly the seed's 178,425,240 trainable parameters (tests/test_dice.py):
+exactly the paper's 178,425,240 trainable parameters (tests/test_dice.py):
 
 * block (``DiceBlock``): hands l, r = two depthwise 7x7 convs with bias (``arch.py`` DualHead) ->
   signal function -> affine LayerNorm (eps 1e-6, ``arch.py`` norm2) -> adaLN modulate -> Linear(C, 2C)
   (MLP ratio 2, ``arch.py`` pwconv1) -> GELU -> GRN(2C) (ConvNeXt-V2, ``arch.py`` GRN) -> Linear(2C, C)
   -> per-channel layer scale -> adaLN gate -> residual. adaLN-Zero: SiLU -> Linear(1152, 3C) with bias
   (shift, scale, gate; one branch per block, so 3 chunks, not DiT's 6).
-* signal function (seed section 3.2, figure 5): f(l, r) = (l + r) / (1 + exp(lambda (l - r)^2)) with a
+* signal function (paper section 3.2, figure 5): f(l, r) = (l + r) / (1 + exp(lambda (l - r)^2)) with a
   per-channel lambda initialised to 1 (``arch.py`` ``scaling`` starts at 1). The sources disagree with the
-  seed and with each other: ``arch.py`` computes (l + r) / (1 + exp((l - r)^2) * lambda) (lambda outside
+  paper and with each other: ``arch.py`` computes (l + r) / (1 + exp((l - r)^2) * lambda) (lambda outside
   the exponent, one scalar) and its README writes 2 (l + r) / (1 + exp(lambda (l - r)^2)); we follow the
-  seed's formula. lambda and the layer scale are per channel: the published count needs 2C parameters per
+  paper's formula. lambda and the layer scale are per channel: the published count needs 2C parameters per
   block beyond the layers listed, which they give exactly (``arch.py``'s scalar lambda plus its defined but
   unused channels-first ``norm1`` would give one more per block: 178,425,249).
 * conditioning (``scratch.py``): DiT's timestep embedder 256 -> 1152 -> 1152 and a 1001 x 1152 label
@@ -26,20 +26,20 @@ exactly the seed's 178,425,240 trainable parameters (tests/test_dice.py):
 * stages: a 1x1 conv stem from the 4 input channels and a 1x1 conv head to 8 channels (eps and the
   variance value v, learned sigma) in every stage, no adaLN final layer (``scratch.py``'s ``head``/``tail``
   are 1x1 convs).
-* cascade (seed sections 2 and 3.1), coarse to fine: the coarsest stage sees ``avg_pool(x, 4)``; a finer
+* cascade (paper sections 2 and 3.1), coarse to fine: the coarsest stage sees ``avg_pool(x, 4)``; a finer
   stage sees the 4-channel denoised estimate ``x_s - sigma_t * up2(eps_hat_coarser)`` (``x_s =
   avg_pool(x, s)``, ``sigma_t = sqrt(1 - abar_t)`` of the linear schedule, nearest-neighbour upsampling:
-  the seed warns against interpolated residuals). Only the full-resolution output is the model output.
+  the paper warns against interpolated residuals). Only the full-resolution output is the model output.
   The coarser stages' v channels exist (the published count has 8-channel heads in every stage) but feed
-  nothing. The seed "avoids additional loss functions" (section 3.1): ``stage_loss_weights = (1, 0, 0)``.
-* init (seed section 3.3): N(0, 0.02) for convs, linears and the label table, zero biases; adaLN and
+  nothing. The paper "avoids additional loss functions" (section 3.1): ``stage_loss_weights = (1, 0, 0)``.
+* init (paper section 3.3): N(0, 0.02) for convs, linears and the label table, zero biases; adaLN and
   heads zero-initialised (DiT's adaLN-Zero, so the output is exactly 0 at init); GRN gamma, beta = 0
   (ConvNeXt-V2); layer scale 1 (ConvNeXt's 1e-6 times the zero adaLN gate would stall both).
 * ``hands=False`` ("DICE w/o hands"): one depthwise conv, no signal function and no lambda; same widths.
 
-Counts (``scripts/preset_counts.py``): DICE-XL 178,425,240 parameters; 47.49 GMACs under the seed's
+Counts (``scripts/preset_counts.py``): DICE-XL 178,425,240 parameters; 47.49 GMACs under the paper's
 convention (fvcore without handles: the signal function costs 0) and 47.55 with this project's signal
-function handle (7 ops per element); 1.05 G torchinfo mult-adds (the seed's "Mult-Adds": convs x output
+function handle (7 ops per element); 1.05 G torchinfo mult-adds (the paper's "Mult-Adds": convs x output
 positions, linears once per image). See ``diffbias.metrics.flops.CONVENTIONS``.
 
 DICE w/o hands, time-dependent norms ("dice_tdn", presets DICE-TDN-*)
@@ -72,7 +72,7 @@ from .layers import LabelEmbedder, TimestepEmbedder
 from .registry import register_backbone, register_preset
 
 # ----------------------------------------------------------------------------------------------------
-# Signal function (seed 002, section 3.2) and its counting operator
+# Signal function (paper 002, section 3.2) and its counting operator
 # ----------------------------------------------------------------------------------------------------
 
 SIGNAL_OPS_PER_ELEMENT = 7  # l - r, square, * lambda, exp, 1 +, l + r, divide
@@ -209,7 +209,7 @@ class DiceBlock(nn.Module):
 
         if hands:
             self.dwconv_l, self.dwconv_r = dw(), dw()
-            # one lambda per channel (seed 002 sec. 3.2 leaves the shape open; the published count needs it)
+            # one lambda per channel (paper 002 sec. 3.2 leaves the shape open; the published count needs it)
             self.hands_lambda = nn.Parameter(torch.full((dim, 1, 1), float(lambda_init)))
         else:
             self.dwconv = dw()
@@ -253,7 +253,7 @@ class DiceStage(nn.Module):
 
 @register_backbone("dice")
 class DICE(nn.Module):
-    """Denoising cascade of DeltaConvNeXt stages with adaLN-Zero (seed 002); see the module docstring."""
+    """Denoising cascade of DeltaConvNeXt stages with adaLN-Zero (paper 002); see the module docstring."""
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = False
     # what its custom operator costs (collected by diffbias.metrics.flops.flop_handles)
@@ -263,7 +263,7 @@ class DICE(nn.Module):
     stage_scales = STAGE_SCALES
     rehearsal_options = {"width": 16}  # rehearsal (config.apply_rehearsal): tiny width, same depths
     # Per-stage loss weights in stage order (1x, 1/2, 1/4) on eps vs ``stage_targets``: only the final
-    # output is trained, the seed "avoids additional loss functions" (section 3.1).
+    # output is trained, the paper "avoids additional loss functions" (section 3.1).
     stage_loss_weights = (1.0, 0.0, 0.0)
 
     def __init__(self, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, learn_sigma: bool = True,
@@ -289,7 +289,7 @@ class DICE(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        _normal_init(self)  # seed 002 section 3.3: N(0, 0.02) for convs and linears
+        _normal_init(self)  # paper 002 section 3.3: N(0, 0.02) for convs and linears
         for stage in self.stages:  # adaLN-Zero (DiT): blocks start as identities, outputs at 0
             for block in stage.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -312,7 +312,7 @@ class DICE(nn.Module):
         C = self.in_channels
         outputs: list[torch.Tensor | None] = [None] * len(self.stages)
         coarser = None
-        for i in reversed(range(len(self.stages))):  # coarse to fine (seed 002 sections 2, 3.1)
+        for i in reversed(range(len(self.stages))):  # coarse to fine (paper 002 sections 2, 3.1)
             s = self.stage_scales[i]
             xs = x if s == 1 else F.avg_pool2d(x, s)
             if coarser is not None:
@@ -450,15 +450,15 @@ class DiceTDN(nn.Module):
 # Presets
 # ----------------------------------------------------------------------------------------------------
 
-# CPU presets for 16x16x1 (stages at 16, 8, 4): base width 32, the seed's 6:2:1 depths kept.
+# CPU presets for 16x16x1 (stages at 16, 8, 4): base width 32, the paper's 6:2:1 depths kept.
 register_preset("DICE-T", "dice", tiny=True, width=32, depths=(6, 2, 1))
 register_preset("DICE-T-nohands", "dice", tiny=True, width=32, depths=(6, 2, 1), hands=False)
 register_preset("DICE-TDN-T", "dice_tdn", tiny=True, width=32, depths=(6, 2, 1))
 
-# Paper presets (ImageNet 256, latents 32x32x4, 1000 classes). Seed 002 table 2 for DICE: 178,425,240
+# Paper presets (ImageNet 256, latents 32x32x4, 1000 classes). Paper 002 table 2 for DICE: 178,425,240
 # trainable parameters (exact, tested), 47.49 "GFlops" = fvcore without handles (the signal function is
 # element-wise and costs 0; 47.55 with our handle) and 1.05 G torchinfo "Mult-Adds".
-_SEED_002 = {"input": (4, 32), "num_classes": 1000, "source": "seed 002 table 2"}
+_SEED_002 = {"input": (4, 32), "num_classes": 1000, "source": "paper 002 table 2"}
 register_preset("DICE-XL", "dice", width=1152, depths=(6, 2, 1),
                 reference={"params": 178_425_240, "gflops": 47.49, "mult_adds": 1.05,
                            "convention": "fvcore-as-shipped", **_SEED_002})

@@ -1,6 +1,6 @@
-"""DiffuSSM (seed 003): attention-free diffusion backbone of gated bidirectional S4D blocks in an hourglass.
+"""DiffuSSM (paper 003): attention-free diffusion backbone of gated bidirectional S4D blocks in an hourglass.
 
-Shapes follow seed 003, section 4.2. The image is split into P x P patches (P = 1 by default: one token per
+Shapes follow paper 003, section 4.2. The image is split into P x P patches (P = 1 by default: one token per
 pixel), flattened in raster order to L tokens; the residual stream holds J = L / M tokens (M adjacent raster
 tokens merged) of width D. Each block, for j = floor(l / M), m = l mod M, D_m = 2D / M::
 
@@ -13,7 +13,7 @@ wrapped in DiT's adaLN-Zero (I = modulate(LN(x)); x + gate * O), with a DiT fina
 
 Linear maps of one block (biases excluded): W0 D^2, W_up M D^2, W_down 4 D^2, W1 h D, W2 2 h D, W3 h D with
 h = mlp_ratio * D. With h = 2D this is 13 D^2 + M D^2 parameters and 13 (L/M) D^2 + L D^2 MACs, which is the
-seed's FLOP formula. The seed's parameter sentence (9 D^2 + 2 M D^2, "13 D^2 at M = 2") cannot hold together
+paper's FLOP formula. The paper's parameter sentence (9 D^2 + 2 M D^2, "13 D^2 at M = 2") cannot hold together
 with its FLOP formula for any set of token-wise linear maps (at M = 1 every map is applied once per token,
 so parameters = MACs / L: 14 D^2 from the FLOP formula against 11 D^2); see ``seed_linear_params``.
 
@@ -21,7 +21,7 @@ FLOPs are multiply-accumulates as fvcore counts them. FFTs (aten::fft_rfft / ate
 does not count) are charged ``FFT_MAC_PER_NLOGN * n * log2(n)`` MACs per transformed row of length n:
 a real-input FFT costs about 2.5 n log2 n real FLOPs (half the 5 n log2 n of a complex radix-2 FFT), i.e.
 1.25 n log2 n MACs. Each S4D call does three length-2L transforms per channel (rfft of u, rfft of the
-kernel, irfft), so the seed's alpha * 2 L log L * D term is 2 directions x 3 x 1.25 x 2L log2(2L) x D,
+kernel, irfft), so the paper's alpha * 2 L log L * D term is 2 directions x 3 x 1.25 x 2L log2(2L) x D,
 alpha = 7.5 with log = log2(2L). Element-wise work (GELU, the complex spectral product, exp, D skip) is
 not counted, as fvcore counts no element-wise op. The S4D kernel's Vandermonde sum is two real bmm's,
 counted by fvcore: N L MACs per channel (N = real state size).
@@ -159,7 +159,7 @@ class DiffuSSMBlock(nn.Module):
         self.hidden_size, self.hourglass, self.mlp_hidden = d, m, h
         self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
-        # Seed 003 sec. 4.2: dense maps at J = L/M; the bidirectional SSM at the original length L.
+        # Paper 003 sec. 4.2: dense maps at J = L/M; the bidirectional SSM at the original length L.
         self.w0 = nn.Linear(d, d)
         self.w_up = nn.Linear(d, m * d)  # the M maps W_up[m]: D -> D, stacked on the output
         self.w_down = nn.Parameter(torch.empty(m, 2 * d, 2 * d // m))  # the M maps W_down[m]: 2D -> 2D/M
@@ -183,7 +183,7 @@ class DiffuSSMBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def linear_maps(self) -> dict[str, torch.Tensor]:
-        """The seed's W's (weights only): W0, W_up[m], W_down[m], W1, W2, W3."""
+        """The paper's W's (weights only): W0, W_up[m], W_down[m], W1, W2, W3."""
         return {"W0": self.w0.weight, "W_up": self.w_up.weight, "W_down": self.w_down,
                 "W1": self.w1.weight, "W2": self.w2.weight, "W3": self.w3.weight}
 
@@ -219,7 +219,7 @@ class FinalLayer(nn.Module):
 @register_backbone("diffussm")
 class DiffuSSM(nn.Module):
     """DiffuSSM backbone. Options: hidden_size D, depth, patch_size P (1: a token per pixel), hourglass M
-    (1: no down/up scaling), mlp_ratio (gated-MLP width / D; 2 gives the seed's FLOP formula), d_state N
+    (1: no down/up scaling), mlp_ratio (gated-MLP width / D; 2 gives the paper's FLOP formula), d_state N
     (real state size of each S4D), dt_min, dt_max."""
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = False
@@ -300,7 +300,7 @@ class DiffuSSM(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- counting
 def linear_params_per_block(model: nn.Module) -> int:
-    """Weights of the seed's linear maps W (W0, W_up, W_down, W1, W2, W3) in one block: no biases, norms,
+    """Weights of the paper's linear maps W (W0, W_up, W_down, W1, W2, W3) in one block: no biases, norms,
     SSM or adaLN conditioning. Equals 4*h*D + 5 D^2 + M D^2 (13 D^2 + M D^2 at h = 2D)."""
     block = model if isinstance(model, DiffuSSMBlock) else model.blocks[0]
     return sum(w.numel() for w in block.linear_maps().values())
@@ -312,7 +312,7 @@ def linear_params_closed_form(d: int, m: int, mlp_ratio: float = 2.0) -> int:
 
 
 def seed_linear_params(d: int, m: int) -> int:
-    """Seed 003's stated count, 9 D^2 + 2 M D^2 (not reachable together with its FLOP formula)."""
+    """Paper 003's stated count, 9 D^2 + 2 M D^2 (not reachable together with its FLOP formula)."""
     return 9 * d * d + 2 * m * d * d
 
 
@@ -329,11 +329,11 @@ def block_macs_closed_form(d: int, seq_len: int, m: int, d_state: int = 64, mlp_
 
 # ---------------------------------------------------------------------------------------------- presets
 register_preset("DiffuSSM-T", "diffussm", tiny=True, hidden_size=64, depth=2, d_state=16, patch_size=1, hourglass=2)
-# Seed 003 figs. 5-6 ablation at tiny size: P = 2 without hourglass, and neither.
+# Paper 003 figs. 5-6 ablation at tiny size: P = 2 without hourglass, and neither.
 register_preset("DiffuSSM-T-P2", "diffussm", tiny=True, hidden_size=64, depth=2, d_state=16, patch_size=2, hourglass=1)
 register_preset("DiffuSSM-T-noHG", "diffussm", tiny=True, hidden_size=64, depth=2, d_state=16, patch_size=1,
                 hourglass=1)
-# Seed 003 sec. 5.1: 29 layers, D = 1152, "approximately 673M parameters", latent 32x32x4 (ImageNet 256).
+# Paper 003 sec. 5.1: 29 layers, D = 1152, "approximately 673M parameters", latent 32x32x4 (ImageNet 256).
 # GFLOPs/image are not stated (Table 1 only gives training totals), so no gflops reference.
 register_preset("DiffuSSM-XL", "diffussm", hidden_size=1152, depth=29, patch_size=1, hourglass=2,
                 reference={"params": 673e6, "input": (4, 32)})

@@ -1,5 +1,5 @@
 """DiMR (Liu et al. 2024, "Alleviating distortion in image generation via multi-resolution diffusion
-models"), the two-branch "/2R" architecture of the official code (github qihao067/DiMR), seed 002's DiMR
+models"), the two-branch "/2R" architecture of the official code (github qihao067/DiMR), paper 002's DiMR
 baseline.
 
 Constants and structure, checked against the official repository (paths relative to it):
@@ -44,7 +44,7 @@ value v, learned sigma) where the official has C (+17,284 parameters for XL: 505
 the 16x16 head outputs eps only, as the official. Unconditional models (num_classes = 0) have no class
 token. Counts (``scripts/preset_counts.py``, tests/test_dimr.py): DiMR-XL/2R 505.06M parameters and
 160.23 GFLOPs against the README's 505M / 160 (fvcore MACs with the attention matmuls); DiMR-G/2R
-1.056B / 331.18 against 1.06B / 331. Seed 002's DiMR numbers (107,452,688 / 32.68 GFlops / 1.31 G
+1.056B / 331.18 against 1.06B / 331. Paper 002's DiMR numbers (107,452,688 / 32.68 GFlops / 1.31 G
 mult-adds) match no configuration of this code: shown beside ours, not tested.
 """
 
@@ -331,8 +331,8 @@ register_preset("DiMR-T/2R", "dimr", tiny=True, dims=(64, 32), hidden_dims=(128,
 # Official configs (ImageNet 256, latents 32x32x4, 1000 classes + null), README counts "505M / 160" and
 # "1.06B / 331" (fvcore-style MACs with attention); our count adds the 2C-channel head (learned sigma).
 _OFFICIAL = {"input": (4, 32), "num_classes": 1000, "source": "DiMR README (qihao067/DiMR)", "convention": "diffbias"}
-# Seed 002 table 2's DiMR-XL/2R numbers: no configuration of the official code gives them.
-_SEED_002_DIMR = {"source": "seed 002 table 2", "convention": "fvcore-as-shipped", "params": 107_452_688,
+# Paper 002 table 2's DiMR-XL/2R numbers: no configuration of the official code gives them.
+_SEED_002_DIMR = {"source": "paper 002 table 2", "convention": "fvcore-as-shipped", "params": 107_452_688,
                   "gflops": 32.68, "mult_adds": 1.31, "reproducible": False,
                   "note": "matches no configuration of the official DiMR code"}
 register_preset("DiMR-XL/2R", "dimr", dims=(960, 480), hidden_dims=(1920, 960), depths=(39, 20), num_heads=16,

@@ -1,7 +1,7 @@
 """Diffusion Transformer (DiT, Peebles & Xie 2023) in pixel or latent space, with per-layer local attention.
 
 Follows the official model: adaLN-Zero blocks, fixed 2-D sin-cos positional embedding, learned sigma.
-Seed 004 additions: a per-layer attention spec (odd k = k x k neighbourhood attention, G = global),
+Paper 004 additions: a per-layer attention spec (odd k = k x k neighbourhood attention, G = global),
 weight sharing between blocks, and PCA-composed attention maps (appendix C).
 """
 
@@ -52,7 +52,7 @@ class Attention(nn.Module, RecordsAttention):
 
 
 class PCAAttention(nn.Module, RecordsAttention):
-    """Seed 004 appendix C: attention map = coefficients x principal components + delta (delta = 1/L).
+    """Paper 004 appendix C: attention map = coefficients x principal components + delta (delta = 1/L).
 
     A small linear map gives, per head and query token, ``num_components`` coefficients; the
     (components, L, L) basis comes from the attention maps of a trained baseline and is fixed (buffer).
@@ -275,7 +275,7 @@ class DiT(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Presets. The official registry (S/B/L/XL at patch 2/4/8) with the DiT paper's counts (anchors.md,
-# 32x32x4 latents, 1000 classes), seed 004's pixel-space XS/1 and S/1, and tiny CPU presets.
+# 32x32x4 latents, 1000 classes), paper 004's pixel-space XS/1 and S/1, and tiny CPU presets.
 # ----------------------------------------------------------------------------------------------------
 
 _OFFICIAL = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -288,9 +288,9 @@ _ANCHORS = {
     "DiT-XL/4": (29.05, 675e6),
     "DiT-XL/2": (118.64, 674_834_720),
 }
-# Seed 002 table 2 counts DiT-XL/2 in its own conventions (diffbias.metrics.flops.CONVENTIONS): fvcore
+# Paper 002 table 2 counts DiT-XL/2 in its own conventions (diffbias.metrics.flops.CONVENTIONS): fvcore
 # without the fused attention matmuls (114.46 = 118.69 - 4.23) and torchinfo's mult-adds (0.68).
-_PUBLISHED = {"DiT-XL/2": ({"source": "seed 002 table 2", "convention": "fvcore-as-shipped", "params": 674_834_720,
+_PUBLISHED = {"DiT-XL/2": ({"source": "paper 002 table 2", "convention": "fvcore-as-shipped", "params": 674_834_720,
                             "gflops": 114.46, "mult_adds": 0.68},)}
 for _name, (_gflops, _params) in _ANCHORS.items():
     _size, _patch = _name[4:].split("/")
@@ -301,7 +301,7 @@ for _name, (_gflops, _params) in _ANCHORS.items():
         published=_PUBLISHED.get(_name, ()),
     )
 
-# Seed 004 table 4 (pixel space, 32x32x3, patch 1). Attention variants are config entries, not presets.
+# Paper 004 table 4 (pixel space, 32x32x3, patch 1). Attention variants are config entries, not presets.
 register_preset("DiT-XS/1", "dit", hidden_size=252, depth=12, num_heads=4, patch_size=1)
 register_preset("DiT-S/1", "dit", hidden_size=384, depth=12, num_heads=6, patch_size=1)
 # CPU presets for 16x16 inputs: 6 blocks so head/mix/tail placements stay distinguishable.

@@ -36,7 +36,7 @@ class Preset:
     reference: dict[str, Any] = field(default_factory=dict)
     tiny: bool = False  # a CPU preset, exercised by the contract test
     # Further published counts of the same model from other sources (same keys as ``reference``; "input"
-    # and "num_classes" default to the reference's), e.g. seed 002's count of DiT-XL/2 in its own convention.
+    # and "num_classes" default to the reference's), e.g. paper 002's count of DiT-XL/2 in its own convention.
     published: tuple[dict[str, Any], ...] = ()
 
     def references(self) -> list[dict[str, Any]]:

@@ -290,7 +290,7 @@ register_preset(
     model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_heads=1,
 )
 
-# Seed 004 (section 2.1, figure 3, appendix A.2): pixel space 32x32x3, learned sigma, channel multipliers
+# Paper 004 (section 2.1, figure 3, appendix A.2): pixel space 32x32x3, learned sigma, channel multipliers
 # (1, 2, 3, 4), 3 ResBlocks per level, "109.55M parameters, 303.17 GFLOPs, FLOP-matched to DiT-XS/1".
 #
 # Parameters: model_channels = 128 with attention only in the middle block (which runs at 4x4, the lowest
@@ -300,13 +300,13 @@ register_preset(
 # (96 -> ~66M). Heads do not change parameters or FLOPs; 4 heads is the official default.
 #
 # FLOPs: as fvcore MACs per image (this harness's convention) this UNet costs 9.486 G and DiT-XS/1 15.739 G,
-# so under that convention they are NOT FLOP-matched. The seed's pair is reproduced by a module-level count
+# so under that convention they are NOT FLOP-matched. The paper's pair is reproduced by a module-level count
 # (conv + linear MACs, attention matmuls unseen, as hook-based counters such as thop report): UNet 9.4639 G,
-# DiT-XS/1 9.3712 G (thop 0.1.1: 9.4639 / 9.3841). The seed's numbers are ~32x these (303.17 / 9.4639 =
+# DiT-XS/1 9.3712 G (thop 0.1.1: 9.4639 / 9.3841). The paper's numbers are ~32x these (303.17 / 9.4639 =
 # 32.03, 300.49 / 9.3841 = 32.02): e.g. FLOPs = 2 x MACs on a per-GPU batch of 16 (batch 64 on 4 GPUs) or
 # MACs on a batch of 32; the residual 0.1% depends on which element-wise ops the tool counted.
 register_preset(
     "UNet-004", "unet",
     model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(), num_heads=4,
-    reference={"gflops": 303.17, "params": 109.55e6, "input": (3, 32), "source": "seed 004 sec 2.1 / anchors.md"},
+    reference={"gflops": 303.17, "params": 109.55e6, "input": (3, 32), "source": "paper 004 sec 2.1 / anchors.md"},
 )

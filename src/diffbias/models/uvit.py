@@ -1,4 +1,4 @@
-"""U-ViT backbone (Bao et al. 2023) with GMM-S options (seed 000): Gaussian mixture mask attention and
+"""U-ViT backbone (Bao et al. 2023) with GMM-S options (paper 000): Gaussian mixture mask attention and
 FreeU-style inference-time scaling of skips and backbone features.
 
 Layout (official ``libs/uvit.py`` conventions, see docs/model-contract.md for the call contract)::
@@ -11,16 +11,16 @@ Layout (official ``libs/uvit.py`` conventions, see docs/model-contract.md for th
 The token order differs from the official code ([label, time, patches]); with a learned positional
 embedding and permutation-equivariant attention this is the same function class.
 
-Gaussian mixture mask (seed 000, section 3.1, algorithm 1), per block and per head, K kernels::
+Gaussian mixture mask (paper 000, section 3.1, algorithm 1), per block and per head, K kernels::
 
     M[i, j] = sum_k alpha_k * exp(-(dx^2 + dy^2) / (2 sigma_k^2 + eps)),  attention = softmax((QK^T/sqrt(d)) * M) V
 
 with dx, dy the column/row offsets of patch tokens i, j on the sqrt(N) x sqrt(N) token grid. The exponent is
 computed directly (the official code raises exp(-d^2)^(1/2) to a power, which underflows to 0 at large grids).
 Extra tokens (time/label): the mask is extended with 1 for every pair that involves an extra token, so those
-logits are left unchanged (the seed does not say; this is the neutral choice for a multiplicative mask).
+logits are left unchanged (the paper does not say; this is the neutral choice for a multiplicative mask).
 
-FreeU-style scaling (seed 000, section 3.2, eqs. 1-5) is applied in every out-block, before its skip Linear:
+FreeU-style scaling (paper 000, section 3.2, eqs. 1-5) is applied in every out-block, before its skip Linear:
 the skip's patch tokens are low-frequency filtered (eqs. 1-2) and the incoming backbone tokens are scaled by
 alpha = (b - 1) * minmax(channel mean) + 1 (eqs. 3-5); time/label tokens are left out of both. Off by default
 (b = s = 1 is the identity); set it for sampling with :func:`freeu_scaling`.
@@ -41,7 +41,7 @@ from . import attention
 from .layers import LabelEmbedder, RecordsAttention, timestep_embedding
 from .registry import register_backbone, register_preset
 
-GMM_EPS = 1e-5  # the epsilon of seed 000 algorithm 1 (the official GMM code adds 1e-5 to sigma^2)
+GMM_EPS = 1e-5  # the epsilon of paper 000 algorithm 1 (the official GMM code adds 1e-5 to sigma^2)
 
 # --------------------------------------------------------------------------------------------------------------
 # Gaussian mixture mask
@@ -123,7 +123,7 @@ def gmm_attention_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
 
 
 class UViTAttention(nn.Module, RecordsAttention):
-    """Multi-head self-attention; fused (SDPA) without a mask, or GMM-masked (seed 000 algorithm 1)."""
+    """Multi-head self-attention; fused (SDPA) without a mask, or GMM-masked (paper 000 algorithm 1)."""
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = False, gmm: bool = False, gmm_kernels: int = 5,
@@ -190,7 +190,7 @@ class UViTBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FreeU-style scaling (seed 000 section 3.2)
+# FreeU-style scaling (paper 000 section 3.2)
 
 
 def fourier_lowfreq_scale(h: torch.Tensor, s: float, tau: int = 1) -> torch.Tensor:
@@ -244,7 +244,7 @@ def freeu_scaling(
 
 @register_backbone("uvit")
 class UViT(nn.Module):
-    """U-ViT; ``gmm=True`` gives every block GMM-masked attention (seed 000 "GMM-S")."""
+    """U-ViT; ``gmm=True`` gives every block GMM-masked attention (paper 000 "GMM-S")."""
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = True
     has_gmm_masks = True
@@ -335,7 +335,7 @@ class UViT(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.grid, self.grid)
 
     def _freeu(self, x: torch.Tensor, skip: torch.Tensor, b: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.extras  # seed 000 sec. 3.2: the time/class tokens are omitted from the scaling
+        e = self.extras  # paper 000 sec. 3.2: the time/class tokens are omitted from the scaling
         if b != 1.0:
             x = torch.cat([x[:, :e], backbone_scale(x[:, e:], b)], dim=1)
         if s != 1.0:
@@ -363,7 +363,7 @@ class UViT(nn.Module):
         ss = _per_block(self.freeu_s, n_out, "s")
         for blk, b, s in zip(self.out_blocks, bs, ss):
             skip = skips.pop()
-            # Seed 000 sec. 3.2: every out-block scales the incoming backbone tokens (eqs. 3-5) and filters the
+            # Paper 000 sec. 3.2: every out-block scales the incoming backbone tokens (eqs. 3-5) and filters the
             # skip it concatenates (eqs. 1-2); b = s = 1 leaves both untouched.
             h, skip = self._freeu(h, skip, b, s)
             h = blk(h, skip)
@@ -375,9 +375,9 @@ class UViT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Presets. U-ViT-S/2 is the CIFAR-10 "small" config (configs/cifar10_uvit.py): depth 12 = 13 blocks. Seed 000
+# Presets. U-ViT-S/2 is the CIFAR-10 "small" config (configs/cifar10_uvit.py): depth 12 = 13 blocks. Paper 000
 # table 2 reports 181.34 "GFLOPS" for its smallest U-ViT (with and without GMM); that number does not follow
-# the harness's MAC convention for this config (about 12 GMACs at 32x32x3), and the seeds state no parameter
+# the harness's MAC convention for this config (about 12 GMACs at 32x32x3), and the papers state no parameter
 # counts, so these presets carry no reference dict.
 
 _TINY = dict(patch_size=2, embed_dim=64, depth=4, num_heads=2)  # 5 blocks, 8x8 token grid at 16x16x1

@@ -1,0 +1,179 @@
+"""The measurement registry: what is measured on a trained run, on which runs, with which settings, at what cost,
+how the rehearsal shrinks it, and how the report draws it.
+
+A measurement is **one module** that calls :func:`register_measurement` when imported:
+
+- the built-ins are the modules of this package named in :data:`BUILTIN` (one line each);
+- plugins are importable modules named in ``$DIFFBIAS_MEASUREMENT_PLUGINS`` (comma-separated).
+
+Built-ins and plugins are the same kind of object and go through the same path: one generic Snakemake rule
+(``measure`` in workflow/rules/evaluate.smk), one command (``python -m diffbias measure <name>``), one config
+section whose schema the measurement declares, one set of report sections. The workflow plan
+(:mod:`diffbias.plan`), the config schema and rehearsal (:mod:`diffbias.config`), the cost estimate
+(:mod:`diffbias.cost`) and the report (:mod:`diffbias.report`) read this registry; none of them names a
+measurement. docs/adding-a-measurement.md walks through one.
+
+Which runs a measurement applies to:
+
+- its ``N`` list (``evaluation.<config_key>.N``; ``null``: every N) holds the run's N;
+- its ``capability`` (a backbone class attribute, docs/model-contract.md) is truthy on the run's backbone, and
+  ``option``, when set, is a truthy option of the variant;
+- a study-scoped measurement (``study_key`` set, e.g. FreeU's (b, s) grid under ``studies.<s>.freeu_grid``)
+  applies to the runs of the studies that declare that key, once per study, with that study's settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+PLUGINS_ENV = "DIFFBIAS_MEASUREMENT_PLUGINS"
+
+# The built-in measurements, in report order: one module each under diffbias/measurements/.
+BUILTIN = ("psnr", "fid", "fid_curve", "freeu", "jacobian", "attention", "gmm_masks")
+
+# What a measurement may need besides its run's model and data (Measurement.needs), resolved by diffbias.plan:
+#   "snapshots"       the run's EMA snapshots (training.snapshot_steps)
+#   "shared:<name>"   a SharedInput built once per (dataset, N, seed), e.g. "shared:fid_reference"
+#   "table:<name>"    another measurement's table of the same run, when that measurement applies to the run
+NEED_KINDS = ("snapshots", "shared:", "table:")
+
+
+@dataclass
+class Result:
+    """What ``compute`` returns (a plain DataFrame is read as ``Result(table)``): the per-run table (the run's keys
+    are added), per-run arrays (written to ``<name>.npz`` when the measurement declares ``arrays``) and extra
+    parquet metadata."""
+
+    table: Any
+    arrays: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Forward-pass equivalents of one job on one run, in units of one image forward of the run's model, plus the
+    images it pushes through Inception-v3 (diffbias.cost turns both into FLOPs)."""
+
+    forwards: float = 0.0
+    inception_images: float = 0.0
+
+
+@dataclass(frozen=True)
+class SharedInput:
+    """A file several measurements read, built once per (dataset, N, seed) by the generic ``shared_input`` rule
+    (``python -m diffbias shared-input <name>``), e.g. the Inception features of an FID reference set.
+
+    ``build(images, labels, train_idx, test_idx, cfg, device, threads) -> dict of arrays`` gets the prepared pool
+    and the (dataset, N, seed) split; ``cfg`` is ``evaluation.<config_key>``."""
+
+    name: str
+    config_key: str
+    build: Callable[..., dict]
+    cost: Callable[[dict, dict, int], Cost] | None = None  # (dataset spec, settings, N) -> Cost
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str  # per-run files <name>.parquet (+ <name>.npz); the study table studies/<study>/<name>.parquet
+    # compute(run: diffbias.runs.TrainedRun, cfg: dict) -> pandas.DataFrame | Result. cfg is the measurement's
+    # config section, validated and completed from `settings`; run.inputs holds the paths of its `needs`.
+    compute: Callable[..., Any] = field(compare=False)
+    description: str = ""  # one line: what it measures (schema description, docs, report's closing line)
+    settings: dict = field(default_factory=dict, compare=False)  # JSON-schema properties, each with its default
+    required: tuple[str, ...] = ()  # settings without a default (study-scoped grids: FreeU's b and s)
+    N: list[int] | None = None  # default of evaluation.<config_key>.N (None: every N); run scope only
+    config_key: str | None = None  # evaluation.<config_key> (default: the name)
+    settings_from: str | None = None  # also uses another measurement's settings (all but N): fid_curve uses fid's
+    study_key: str | None = None  # set: configured per study under studies.<s>.<study_key> (scope "study")
+    capability: str | None = None  # backbone class attribute the run's backbone must declare truthy
+    option: str | None = None  # ...and this variant option must be truthy (U-ViT's `gmm`)
+    arrays: bool = False  # writes per-run arrays (<name>.npz), packed per study for the report
+    preview_items: int | None = None  # items of each array kept in the study-level pack (a preview for figures)
+    needs: tuple[str, ...] = ()  # see NEED_KINDS
+    rehearse: Callable[[dict, dict], None] | None = field(default=None, compare=False)  # (settings, rehearsal)
+    cost: Callable[[dict, dict], Cost] | None = field(default=None, compare=False)  # (run spec, settings)
+    runtime_units: Callable[[dict, dict], float] | None = field(default=None, compare=False)  # x evaluate runtime
+    renamed: dict = field(default_factory=dict, compare=False)  # old setting name -> new (fails with the new name)
+    check: Callable[[dict], tuple[str, str] | None] | None = field(default=None, compare=False)  # -> (subkey, why)
+    sections: tuple[Callable[[dict], None], ...] = field(default=(), compare=False)  # report sections, in order
+    findings: Callable[[dict], list[str]] | None = field(default=None, compare=False)  # lines for the overview
+    cost_columns: Callable[[dict], Any] | None = field(default=None, compare=False)  # per-variant columns
+
+    def __post_init__(self):
+        for need in self.needs:
+            if not (need == "snapshots" or need.startswith(("shared:", "table:"))):
+                raise ValueError(f"measurement {self.name!r}: unknown need {need!r} (kinds: {NEED_KINDS})")
+
+    @property
+    def key(self) -> str:
+        """Its config section: ``evaluation.<key>`` (run scope) or ``studies.<s>.<key>`` (study scope)."""
+        return self.study_key or self.config_key or self.name
+
+    @property
+    def scope(self) -> str:
+        return "study" if self.study_key else "run"
+
+    def schema(self) -> dict:
+        """The JSON schema of its config section (``N`` added for run-scoped measurements)."""
+        props = dict(self.settings)
+        if self.scope == "run":
+            props = {"N": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 1}, "default": self.N,
+                           "description": "training-set sizes whose runs are measured (null: every N; []: none)"},
+                     **props}
+        schema = {"type": "object", "additionalProperties": False, "properties": props,
+                  "description": self.description}
+        if self.required:
+            schema["required"] = list(self.required)
+        else:
+            schema["default"] = {}
+        return schema
+
+    def applies(self, settings: dict, n: int, backbone_cls: type, options: dict) -> bool:
+        ns = settings.get("N") if self.scope == "run" else None
+        if ns is not None and n not in ns:
+            return False
+        if self.capability and not getattr(backbone_cls, self.capability, False):
+            return False
+        return not self.option or bool(options.get(self.option))
+
+
+MEASUREMENTS: dict[str, Measurement] = {}
+SHARED_INPUTS: dict[str, SharedInput] = {}
+
+
+def register_measurement(m: Measurement) -> Measurement:
+    if m.name in MEASUREMENTS and MEASUREMENTS[m.name] != m:
+        raise ValueError(f"measurement {m.name!r} registered twice")
+    if m.name == "train_log" or not m.name.replace("_", "").isalnum():
+        raise ValueError(f"measurement name {m.name!r}: letters, digits and _ only, and not 'train_log'")
+    MEASUREMENTS[m.name] = m
+    return m
+
+
+def register_shared_input(s: SharedInput) -> SharedInput:
+    if s.name in SHARED_INPUTS and SHARED_INPUTS[s.name] != s:
+        raise ValueError(f"shared input {s.name!r} registered twice")
+    SHARED_INPUTS[s.name] = s
+    return s
+
+
+def load(spec: str | None = None) -> dict[str, Measurement]:
+    """Import the built-ins and the plugin modules named in ``spec`` (default: $DIFFBIAS_MEASUREMENT_PLUGINS);
+    returns the registry, built-ins first in :data:`BUILTIN` order, then plugins in import order."""
+    for name in BUILTIN:
+        importlib.import_module(f"{__name__}.{name}")
+    spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
+    for name in (s.strip() for s in spec.split(",")):
+        if name:
+            importlib.import_module(name)
+    return MEASUREMENTS
+
+
+def get(name: str) -> Measurement:
+    registry = load()
+    if name not in registry:
+        raise KeyError(f"unknown measurement {name!r}; registered: {sorted(registry)}")
+    return registry[name]

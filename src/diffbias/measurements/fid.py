@@ -1,0 +1,260 @@
+"""FID, KID, precision and recall of samples from a run's EMA model (paper 004 tables 1-3, paper 002 table 1,
+paper 003 tables 1-2), through torch-fidelity with the offline Inception weights.
+
+The reference set depends only on (dataset, N, seed): its Inception features are the shared input
+``fid_reference``, built once and read by every variant's FID and FID-curve jobs. KID leads at small sample counts
+(unbiased at any count); FID from a few hundred samples is biased upwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from .. import analysis
+from ..sections import (NotApplicable, NotMeasured, comparison, display, frame_table, layout_table, plt,
+                        reduced_variants, save_figure, section, tile, variants, write_table)
+from . import Cost, Measurement, Result, SharedInput, register_measurement, register_shared_input
+
+SETTINGS = {
+    "num_samples": {"type": "integer", "minimum": 4, "default": 50000},
+    "sampling_steps": {"type": "integer", "minimum": 2, "default": 250, "description": "respaced DDPM sampling steps"},
+    "reference": {"enum": ["train", "test"], "default": "train",
+                  "description": "reference set: min(N, max_reference) training images (paper 004 A.2) or the test set"},
+    "max_reference": {"type": "integer", "minimum": 4, "default": 50000},
+    "sample_seed": {"type": "integer", "default": 0},
+    "batch_size": {"type": "integer", "minimum": 1, "default": 256},
+    "guidance_scale": {"type": "number", "minimum": 1, "default": 1.0,
+                       "description": "class-conditional runs: classifier-free guidance scale (1 = none); labels are "
+                                      "drawn uniformly over the classes"},
+}
+
+# Metrics of the papers that cannot be computed offline: shown as missing columns with the reason, never a number.
+UNAVAILABLE_METRICS = {
+    "IS": "Inception Score needs the Inception classifier's logits; the offline torch-fidelity weights used here "
+          "have none",
+    "sFID": "sFID needs the spatial (mixed_6/conv) Inception features, which the offline feature extractor does not "
+            "expose",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared reference set
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_reference(images, labels, n: int, seed: int, test_size: int, cfg: dict, device: str, threads) -> dict:
+    """Inception features of the FID reference set of the runs with this (dataset, N, seed)."""
+    from ..metrics.fid import inception_features
+    from ..runs import reference_indices
+
+    idx = reference_indices(len(images), n, test_size, seed, cfg["reference"], cfg["max_reference"])
+    feats = inception_features(images[idx], device=device, cpu_threads=threads)
+    print(f"[fid-reference N={n} seed={seed}] {len(idx)} {cfg['reference']} images")
+    return {"features": feats.numpy(), "N": n, "seed": seed, "reference": cfg["reference"],
+            "max_reference": cfg["max_reference"]}
+
+
+def reference_cost(dataset: dict, cfg: dict, n: int) -> Cost:
+    images = min(n, cfg["max_reference"]) if cfg["reference"] == "train" else min(dataset["test_size"], cfg["max_reference"])
+    return Cost(inception_images=float(images))
+
+
+def reference_features(run, cfg: dict):
+    """The reference set's Inception features: from the shared ``fid_reference`` file when the job has it, else
+    computed here from the same images."""
+    import torch
+
+    from ..metrics.fid import inception_features
+
+    path = run.inputs.get("shared:fid_reference")
+    if path:
+        with np.load(path) as f:
+            expected = {"N": run.run["N"], "seed": run.run["seed"], "reference": cfg["reference"],
+                        "max_reference": cfg["max_reference"]}
+            found = {k: (f[k].item() if f[k].shape == () else f[k].tolist()) for k in expected}
+            if found != expected:
+                raise SystemExit(f"{path} was computed for {found}, this run needs {expected}")
+            return torch.from_numpy(f["features"])
+    return inception_features(run.reference_images(cfg["reference"], cfg["max_reference"]), device=str(run.device),
+                              cpu_threads=run.threads)
+
+
+def score(run, cfg: dict, reference, model=None) -> tuple[dict, np.ndarray, float, float]:
+    """Sample with the FID settings (labels uniform over the classes when class-conditional) and score them:
+    (metrics, samples, sampling seconds, metric seconds)."""
+    from ..metrics.fid import inception_features, metrics_from_features
+
+    t0 = time.perf_counter()
+    samples = run.sample(cfg["num_samples"], sampling_steps=cfg["sampling_steps"], seed=cfg["sample_seed"],
+                         batch_size=cfg["batch_size"], guidance_scale=cfg["guidance_scale"], model=model)
+    sampling_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    features = inception_features(samples, device=str(run.device), cpu_threads=run.threads)
+    metrics = metrics_from_features(features, reference, cpu_threads=run.threads)
+    return metrics, samples, sampling_s, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The measurement
+# ----------------------------------------------------------------------------------------------------
+
+
+def compute(run, cfg: dict) -> Result:
+    reference = reference_features(run, cfg)
+    metrics, samples, sampling_s, metric_s = score(run, cfg, reference)
+    row = {**run.run, **metrics, "sampling_steps": cfg["sampling_steps"], "reference": cfg["reference"], "step": run.step,
+           "guidance_scale": cfg["guidance_scale"], "class_conditional": run.num_classes > 0,
+           "sampling_s": sampling_s, "metric_s": metric_s, "sampling_images_per_s": cfg["num_samples"] / sampling_s}
+    print(f"[fid {run.run}] FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f} +- {metrics['kid_std']:.4f} from "
+          f"{len(samples)} samples vs {len(reference)} reference images "
+          f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)")
+    return Result(pd.DataFrame([row]), arrays={"samples": samples}, meta={"fid": cfg})
+
+
+def sampling_forwards(spec: dict, cfg: dict) -> float:
+    """Model forwards of one sample set (guidance doubles each forward of a class-conditional model)."""
+    guided = spec["training"].get("class_conditional") and cfg["guidance_scale"] > 1
+    return float(cfg["num_samples"] * cfg["sampling_steps"] * (2 if guided else 1))
+
+
+def cost(spec: dict, cfg: dict) -> Cost:
+    return Cost(forwards=sampling_forwards(spec, cfg), inception_images=float(cfg["num_samples"]))
+
+
+def rehearse(cfg: dict, r: dict) -> None:
+    cfg.update(num_samples=r["fid_samples"], max_reference=r["fid_reference"],
+               sampling_steps=min(cfg["sampling_steps"], r["respacing"]), batch_size=min(cfg["batch_size"], 64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+
+@section("FID, KID, precision and recall", {"004": "tables 1-3 (FID per data set and N, change vs own baseline)",
+                                            "002": "table 1", "003": "tables 1-2", "000": "table 1"}, needs=("fid",))
+def section_fid(ctx: dict) -> None:
+    """KID leads at small sample counts: it is unbiased at any count and its spread over subsets is a real
+    uncertainty; FID from a few hundred samples is biased upwards."""
+    fid = ctx["fid"]
+    fid_layout = comparison(ctx, fid, "fid", digits=2)
+    write_table(ctx, "fid", fid_layout)
+    small = int(fid["num_samples"].min()) < 10_000
+    ctx["pdf"].table("FID (lower is better)", layout_table(fid_layout),
+                     caption="Mean ± std over seeds; best per column within a block in bold; change vs own baseline. "
+                             + ("With fewer than 10k samples FID is biased upwards: compare rows with equal sample counts only."
+                                if small else ""))
+    kid_layout = comparison(ctx, fid.assign(kid_x1e3=fid["kid_mean"] * 1e3), "kid_x1e3", digits=2)
+    write_table(ctx, "kid", kid_layout)
+    ctx["pdf"].table("KID × 10³ (lower is better)", layout_table(kid_layout),
+                     caption="Mean ± std over seeds of each run's KID (mean over random subsets).")
+    if "kid_subset_size" not in fid:  # tables written before KID subsets were recorded
+        fid = fid.assign(kid_subset_size=fid["num_samples"])
+    per = fid.groupby(["dataset", "variant", "N"], as_index=False).agg(
+        precision=("precision", "mean"), recall=("recall", "mean"), samples=("num_samples", "first"),
+        subset=("kid_subset_size", "first"), reference=("num_reference", "first"), steps=("sampling_steps", "first"),
+        seeds=("seed", "count"))
+    if "inception_score" in fid and fid["inception_score"].notna().any():
+        per = per.merge(fid.groupby(["dataset", "variant", "N"], as_index=False)["inception_score"].mean(), how="left")
+        per = per.rename(columns={"inception_score": "IS"})
+    else:
+        per["IS"] = "missing†"
+    per["sFID"] = "missing‡"
+    order = {v: i for i, v in enumerate(variants(ctx, fid))}
+    per = per.sort_values(["dataset", "N", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s)
+    per.insert(1, "model", per.pop("variant").map(lambda v: display(ctx, v)))
+    write_table(ctx, "fid_details", per, ".3f")
+    ctx["pdf"].table("Sample quality details", frame_table(per, formats={"precision": ".3f", "recall": ".3f", "IS": ".2f"}),
+                     notes=[f"† {UNAVAILABLE_METRICS['IS']}.", f"‡ {UNAVAILABLE_METRICS['sFID']}.",
+                            "All through torch-fidelity (Inception-v3, offline weights). KID subsets of 'subset' "
+                            "samples and reference images."])
+
+
+@section("Appendix C: FID with weight sharing and PCA attention", {"004": "app. C, table 5 (FID, parameter reduction "
+         "vs local attention)"}, needs=("fid",))
+def section_appendix_c_fid(ctx: dict) -> None:
+    keep = reduced_variants(ctx)
+    if not keep:
+        raise NotApplicable("no weight-sharing or PCA-attention variant")
+    layout = comparison(ctx, ctx["fid"][ctx["fid"]["variant"].isin(keep)], "fid", digits=2)
+    write_table(ctx, "appendix_c_fid", layout)
+    ctx["pdf"].table("FID, parameter reduction vs local attention (paper 004 table 5)", layout_table(layout))
+
+
+@section("FID against GFLOPs and sampling speed", {"003": "fig. 3 in part (GFLOPs per architecture, here at the "
+         "study's input and against FID; the paper sweeps sequence length)", "002": "fig. 13 (bubble graph: FID vs "
+         "sampling speed, area = GFLOPs)"}, needs=("fid", "counts"))
+def section_fid_vs_gflops(ctx: dict) -> None:
+    pyplot = plt()
+    per = ctx["fid"].groupby(["dataset", "variant", "N"], as_index=False).agg(
+        fid=("fid", "mean"), speed=("sampling_images_per_s", "median"))
+    per = per.merge(ctx["counts"][["variant", "gmacs"]], on="variant", how="left")
+    panels = list(per[["dataset", "N"]].drop_duplicates().sort_values(["dataset", "N"]).itertuples(index=False))
+    fig, axes = pyplot.subplots(2, len(panels), figsize=(3.4 * len(panels) + 1.5, 5.6), squeeze=False,
+                                layout="constrained")
+    for j, (d, n) in enumerate(panels):
+        sub = per[(per["dataset"] == d) & (per["N"] == n)]
+        for r in sub.itertuples():
+            axes[0][j].scatter(r.gmacs, r.fid, s=20)
+            axes[0][j].annotate(display(ctx, r.variant), (r.gmacs, r.fid), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
+            area = 400 * r.gmacs / max(per["gmacs"].max(), 1e-12)
+            axes[1][j].scatter(r.speed, r.fid, s=max(area, 8), alpha=0.5)
+            axes[1][j].annotate(display(ctx, r.variant), (r.speed, r.fid), fontsize=6)
+        axes[0][j].set_xlabel("GFLOPs per image (fvcore MACs)")
+        axes[1][j].set_xlabel("sampling images/s")
+        for i in range(2):
+            axes[i][j].set_ylabel("FID")
+            axes[i][j].set_title(f"{d}, N={n}", fontsize=8)
+    fig.suptitle("(top) FID vs GFLOPs per architecture (cf. paper 003 fig. 3); (bottom) FID vs sampling speed, "
+                 "area ∝ GFLOPs (paper 002 fig. 13)")
+    save_figure(ctx, fig, "fid_vs_gflops")
+
+
+@section("Samples", {"002": "fig. 1 (DiT vs DICE samples)", "003": "figs. 1, 4, 7-14 (uncurated samples)"},
+         needs=("fid",))
+def section_samples(ctx: dict) -> None:
+    pyplot = plt()
+    packed = ctx["arrays"].get("fid")
+    if not packed:
+        raise NotMeasured("no FID sample arrays")
+    runs = sorted(packed)[:12]
+    fig, axes = pyplot.subplots(1, len(runs), figsize=(2.2 * len(runs), 2.6), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        ax.imshow(tile(packed[run]["samples"][:16]), cmap="gray", interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        d, v, n, seed = analysis.parse_run(run)
+        ax.set_title(f"{d}\n{display(ctx, v)}, N={n}", fontsize=6)
+    fig.suptitle("First 16 FID samples per run (EMA model)")
+    save_figure(ctx, fig, "samples")
+
+
+def cost_columns(ctx: dict):
+    """Sampling images/s per variant (median over the FID runs), for the model-cost table."""
+    fid = ctx.get("fid")
+    if fid is None or "sampling_images_per_s" not in fid:
+        return None
+    return fid.groupby("variant", as_index=False).agg(sample_img_s=("sampling_images_per_s", "median"),
+                                                      sampling_steps=("sampling_steps", "first"))
+
+
+register_shared_input(SharedInput(name="fid_reference", config_key="fid", build=build_reference, cost=reference_cost))
+
+register_measurement(Measurement(
+    name="fid",
+    description="FID, KID, precision and recall of samples from the EMA model (torch-fidelity, offline Inception)",
+    compute=compute,
+    settings=SETTINGS,
+    N=[10000, 100000],  # paper 004 table 1: FID at N = 1e4 and 1e5
+    arrays=True,
+    preview_items=16,  # the report draws 16 of the (up to 50k) samples
+    needs=("shared:fid_reference",),
+    cost=cost,
+    rehearse=rehearse,
+    renamed={"steps": "sampling_steps"},  # "steps" means optimiser steps
+    sections=(section_fid, section_appendix_c_fid, section_fid_vs_gflops, section_samples),
+    cost_columns=cost_columns,
+))

@@ -1,0 +1,296 @@
+"""What the workflow runs, derived from a validated config: the configured measurements, the runs each applies to,
+every job's inputs and settings, the files each study's report reads, and how trainings are grouped on SLURM.
+
+The Snakemake rules (workflow/rules/*.smk) hold input functions only; each calls one function here, so the logic is
+unit-tested without Snakemake (tests/test_plan.py). Paths are built from the patterns in :data:`PATTERNS`, the one
+place that says where a file lives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from . import measurements
+from .config import RunKey, pca_basis_path, run_spec, study_datasets, study_runs, variant_label
+from .measurements import Measurement
+
+# Where each file lives, as Snakemake patterns (wildcards in braces) under {results}.
+PATTERNS = {
+    "data": "{results}/data/{dataset}.npz",
+    "run_dir": "{results}/runs/{dataset}/{variant}/N{n}/seed{seed}",
+    "checkpoint": "{results}/checkpoints/{dataset}/{variant}/N{n}/seed{seed}/checkpoint.pt",
+    "shared": "{results}/shared/{shared}/{dataset}/N{n}/seed{seed}.npz",
+    "study_table": "{results}/studies/{study}/{table}.parquet",
+    "study_arrays": "{results}/studies/{study}/arrays/{measurement}.npz",
+    "logs": "{results}/logs",
+}
+# Tables every study has besides its measurements': the training log (rule aggregate_study) and the models' counts.
+STUDY_TABLES = ("train_log", "counts")
+# SLURM job groups: small trainings (N <= SMALL_TRAIN_N, a time budget resources.train.runtime of at most
+# SMALL_TRAIN_MINUTES) are bundled into "train_small" group jobs; long ones stay single jobs, since a group asks for
+# the sum of its members' runtimes and a failed group job reruns its finished members too.
+SMALL_TRAIN_N = 10
+SMALL_TRAIN_MINUTES = 240
+
+
+def path(kind: str, results: str, **wildcards) -> str:
+    return PATTERNS[kind].format(results=results, **wildcards)
+
+
+def pattern(kind: str, results: str) -> str:
+    """A Snakemake pattern with {results} filled in and the other wildcards left."""
+    return PATTERNS[kind].replace("{results}", results)
+
+
+def run_dir(config: dict, run: RunKey) -> str:
+    return path("run_dir", config["results_dir"], dataset=run.dataset, variant=run.variant, n=run.n, seed=run.seed)
+
+
+def resource(config: dict, group: str, key: str, default):
+    return config.get("resources", {}).get(group, {}).get(key, default)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configured measurements
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A measurement as configured: a run-scoped one once (named as the measurement), a study-scoped one once per
+    study that declares its key (named ``<measurement>-<study>``). Its per-run files are ``<name>.parquet`` and
+    ``<name>.npz``."""
+
+    name: str
+    measurement: Measurement
+    study: str | None = None
+
+
+def instances(config: dict) -> dict[str, Instance]:
+    out = {}
+    for m in measurements.load().values():
+        if m.scope == "run":
+            out[m.name] = Instance(m.name, m)
+        else:
+            for study, spec in config["studies"].items():
+                if m.key in spec:
+                    out[f"{m.name}-{study}"] = Instance(f"{m.name}-{study}", m, study)
+    return out
+
+
+def settings(config: dict, m: Measurement, study: str | None = None) -> dict:
+    """A measurement's resolved settings (the schema filled the defaults): its own section, after the settings it
+    shares with ``settings_from`` (all but N)."""
+    own = config["studies"][study][m.key] if m.scope == "study" else config["evaluation"][m.key]
+    if m.settings_from:
+        other = measurements.get(m.settings_from)
+        return {**{k: v for k, v in config["evaluation"][other.key].items() if k != "N"}, **own}
+    return dict(own)
+
+
+def instance_settings(config: dict, name: str) -> dict:
+    inst = instances(config)[name]
+    return settings(config, inst.measurement, inst.study)
+
+
+def _backbone(config: dict, variant: str) -> tuple[type, dict]:
+    from .models import BACKBONES, resolve_options
+
+    v = config["variants"][variant]
+    backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
+    return BACKBONES[backbone], options
+
+
+def applies(config: dict, inst: Instance, run: RunKey) -> bool:
+    cls, options = _backbone(config, run.variant)
+    return inst.measurement.applies(settings(config, inst.measurement, inst.study), run.n, cls, options)
+
+
+def measured_runs(config: dict, study: str, inst: Instance) -> list[RunKey]:
+    if inst.study not in (None, study):
+        return []
+    return [r for r in study_runs(config, study) if applies(config, inst, r)]
+
+
+def study_instances(config: dict, study: str) -> dict[str, Instance]:
+    """The instances that concern a study, keyed by measurement name (a study has at most one of each)."""
+    return {i.measurement.name: i for i in instances(config).values() if i.study in (None, study)}
+
+
+def switched_off(config: dict, study: str) -> dict[str, str]:
+    """Measurements the config switched off for a study, with the switch: measurements that could apply to some of
+    its backbones (capability) but measure none of its runs. Measurements no backbone of the study can take
+    (attention maps of an attention-free backbone) are not switched off: they do not apply."""
+    spec = config["studies"][study]
+    backbones = {v: _backbone(config, v) for v in spec["variants"]}
+    mine = study_instances(config, study)
+    out = {}
+    for m in measurements.load().values():
+        if m.capability and not any(getattr(cls, m.capability, False) for cls, _ in backbones.values()):
+            continue
+        inst = mine.get(m.name)
+        if inst is None:
+            out[m.name] = f"studies.{study}.{m.key} is not set"
+        elif not measured_runs(config, study, inst):
+            if m.option and not any(opts.get(m.option) for _, opts in backbones.values()):
+                out[m.name] = f"no variant sets options.{m.option}"
+            else:
+                out[m.name] = f"evaluation.{m.key}.N = {settings(config, m).get('N')} (study N: {spec['N']})"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Job inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def measurement_inputs(config: dict, name: str, run: RunKey) -> dict[str, str]:
+    """Input files of measurement instance ``name`` on ``run``: its model and data, then its needs (named as in
+    ``Measurement.needs``); a ``table:`` need only when that measurement applies to the run."""
+    results, inst = config["results_dir"], instances(config)[name]
+    inputs = {"model": f"{run_dir(config, run)}/model.pt", "data": path("data", results, dataset=run.dataset)}
+    for need in inst.measurement.needs:
+        if need == "snapshots":
+            inputs[need] = f"{run_dir(config, run)}/ema_snapshots"
+        elif need.startswith("shared:"):
+            inputs[need] = path("shared", results, shared=need.split(":", 1)[1], dataset=run.dataset, n=run.n,
+                                seed=run.seed)
+        elif need.startswith("table:"):
+            other = instances(config).get(need.split(":", 1)[1])
+            if other is not None and applies(config, other, run):
+                inputs[need] = f"{run_dir(config, run)}/{other.name}.parquet"
+    return inputs
+
+
+def extra_inputs(inputs: dict[str, str]) -> list[str]:
+    """``--input need=path`` arguments of the measure command for the inputs beyond the model and data."""
+    return [f"{k}={v}" for k, v in inputs.items() if k not in ("model", "data")]
+
+
+def runtime_minutes(config: dict, name: str, run: RunKey) -> float:
+    inst = instances(config)[name]
+    base = resource(config, "evaluate", "runtime", 30)
+    units = inst.measurement.runtime_units
+    return base * (units(run_spec(config, run), instance_settings(config, name)) if units else 1)
+
+
+def shared_settings(config: dict, shared: str) -> dict:
+    return dict(config["evaluation"][measurements.SHARED_INPUTS[shared].config_key])
+
+
+def train_inputs(config: dict, run: RunKey) -> dict[str, str]:
+    inputs = {"data": path("data", config["results_dir"], dataset=run.dataset)}
+    pca = config["variants"][run.variant].get("pca_from")
+    if pca:  # paper 004 app. C: a PCA variant trains after its baseline, from that baseline's attention maps
+        inputs["pca_basis"] = pca_basis_path(config["results_dir"], run, pca)
+    return inputs
+
+
+def pca_request(config: dict, run: RunKey) -> dict:
+    """The PCA settings asked of baseline run ``run`` by the variants that take their basis from it (they must
+    agree: one basis file per baseline run)."""
+    wanted = {
+        json.dumps({k: v.get("pca_from", {}).get(k) for k in ("num_images", "timesteps", "respacing")}
+                   | {"layers": v["options"]["pca_layers"], "components": v["options"].get("pca_components", 50)},
+                   sort_keys=True)
+        for v in config["variants"].values()
+        if v.get("pca_from", {}).get("variant") == run.variant
+        and v["pca_from"].get("dataset") in (None, run.dataset)  # a basis from another data set (paper 004 app. C)
+    }
+    if len(wanted) != 1:
+        raise ValueError(f"variants using {run.variant!r} as pca_from ask for different PCA settings: {sorted(wanted)}")
+    return json.loads(wanted.pop())
+
+
+def train_group(config: dict, run: RunKey) -> str | None:
+    """SLURM group of a training job: "train_small" for small trainings, none otherwise. Runs on either side of a PCA
+    basis stay single: bundling a baseline with its PCA variant would make a group that depends on itself
+    (train -> pca_basis -> train)."""
+    pca_runs = {v for v, spec in config["variants"].items() if spec.get("pca_from")}
+    pca_runs |= {spec["pca_from"]["variant"] for spec in config["variants"].values() if spec.get("pca_from")}
+    small = run.n <= SMALL_TRAIN_N and resource(config, "train", "runtime", 60) <= SMALL_TRAIN_MINUTES
+    return "train_small" if small and run.variant not in pca_runs else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a study's report reads
+# ----------------------------------------------------------------------------------------------------
+
+
+def table_inputs(config: dict, study: str, table: str) -> list[str]:
+    """Per-run files aggregated into study table ``table``: a measurement's table of the runs it applies to, or the
+    training log of every run."""
+    runs = study_runs(config, study)
+    if table == "train_log":
+        return [f"{run_dir(config, r)}/train_log.parquet" for r in runs]
+    inst = study_instances(config, study)[table]
+    return [f"{run_dir(config, r)}/{inst.name}.parquet" for r in measured_runs(config, study, inst)]
+
+
+def study_tables(config: dict, study: str) -> dict[str, str]:
+    """Study-level tables the report reads: the training log, the counts, and each measurement that measures some
+    run of the study."""
+    names = list(STUDY_TABLES) + [name for name, inst in study_instances(config, study).items()
+                                  if measured_runs(config, study, inst)]
+    return {name: path("study_table", config["results_dir"], study=study, table=name) for name in names}
+
+
+@dataclass(frozen=True)
+class ArrayPack:
+    """A measurement's per-run arrays of one study, packed into one file for the report."""
+
+    measurement: str
+    out: str  # the study-level pack
+    files: tuple[str, ...]  # per-run arrays, in the order of `runs`
+    runs: tuple[str, ...]  # "<dataset>/<variant>/N<n>/seed<seed>"
+    preview_items: int | None
+
+
+def study_arrays(config: dict, study: str) -> dict[str, ArrayPack]:
+    packs = {}
+    for name, inst in study_instances(config, study).items():
+        runs = measured_runs(config, study, inst) if inst.measurement.arrays else []
+        if runs:
+            packs[name] = ArrayPack(name, path("study_arrays", config["results_dir"], study=study, measurement=name),
+                                    tuple(f"{run_dir(config, r)}/{inst.name}.npz" for r in runs),
+                                    tuple(r.path for r in runs), inst.measurement.preview_items)
+    return packs
+
+
+def report_inputs(config: dict, study: str) -> dict[str, str]:
+    return study_tables(config, study) | {f"arrays_{n}": p.out for n, p in study_arrays(config, study).items()}
+
+
+def _papers(paper) -> list[str]:
+    return [] if paper is None else [paper] if isinstance(paper, str) else list(paper)
+
+
+def study_description(config: dict, study: str) -> dict:
+    """Everything the study's report and its study-level commands need to know about it."""
+    s = config["studies"][study]
+    specs = {}
+    for v in s["variants"]:
+        cls, options = _backbone(config, v)
+        specs[v] = {"backbone": cls.backbone_name, "preset": config["variants"][v].get("preset"), "options": options}
+    datasets = study_datasets(s)
+    mine = study_instances(config, study)
+    return {
+        "name": study,
+        "title": s.get("title", study),
+        "scale_note": s.get("scale_note", ""),
+        "summary": s.get("summary", ""),
+        "papers": _papers(s.get("paper")),
+        "variants": s["variants"],
+        "baseline": s.get("baseline"),
+        "datasets": datasets,
+        "N": s["N"],
+        "seeds": s["seeds"],
+        "labels": {v: variant_label(config, v) for v in s["variants"]},
+        "variant_specs": specs,
+        "dataset_specs": {d: config["datasets"][d] for d in datasets},
+        "count_dataset": datasets[0],
+        "settings": {name: settings(config, inst.measurement, inst.study) for name, inst in mine.items()
+                     if measured_runs(config, study, inst)},
+        "switched_off": switched_off(config, study),
+    }

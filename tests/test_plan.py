@@ -1,0 +1,101 @@
+"""diffbias.plan: what the workflow runs, computed from a config without Snakemake (the rules' input functions call
+these and nothing else)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffbias import plan
+from diffbias.config import RunKey, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str) -> dict:
+    return validate_config(yaml.safe_load((ROOT / name).read_text()))
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return load("workflow/configs/micro.yaml")
+
+
+def test_instances_and_the_runs_they_apply_to(micro):
+    inst = plan.instances(micro)
+    assert set(inst) == {"psnr", "fid", "fid_curve", "jacobian", "attention", "gmm_masks"}  # no FreeU grid declared
+    runs = {name: [r.n for r in plan.measured_runs(micro, "micro", i)] for name, i in inst.items()}
+    assert runs["psnr"] == [10, 50, 10, 50] and runs["fid"] == [50, 50] and runs["fid_curve"] == [50, 50]
+    assert runs["gmm_masks"] == []  # DiT has no masks
+
+
+def test_study_tables_inputs_and_array_packs(micro):
+    tables = plan.study_tables(micro, "micro")
+    assert set(tables) == {"train_log", "counts", "psnr", "fid", "fid_curve", "jacobian", "attention"}
+    assert tables["fid"] == "results/studies/micro/fid.parquet"
+    assert plan.table_inputs(micro, "micro", "fid") == ["results/runs/fmnist8/dit/N50/seed0/fid.parquet",
+                                                        "results/runs/fmnist8/dit_local/N50/seed0/fid.parquet"]
+    assert len(plan.table_inputs(micro, "micro", "train_log")) == 4
+    packs = plan.study_arrays(micro, "micro")
+    assert set(packs) == {"fid", "jacobian", "attention"}  # the measurements with arrays
+    fid = packs["fid"]
+    assert fid.out == "results/studies/micro/arrays/fid.npz" and fid.preview_items == 16
+    assert fid.runs == ("fmnist8/dit/N50/seed0", "fmnist8/dit_local/N50/seed0")
+    assert fid.files[0] == "results/runs/fmnist8/dit/N50/seed0/fid.npz"
+    assert set(plan.report_inputs(micro, "micro")) == set(tables) | {"arrays_fid", "arrays_jacobian", "arrays_attention"}
+
+
+def test_measurement_inputs_follow_the_needs(micro):
+    run50, run10 = RunKey("fmnist8", "dit", 50, 0), RunKey("fmnist8", "dit", 10, 0)
+    curve = plan.measurement_inputs(micro, "fid_curve", run50)
+    assert curve == {"model": "results/runs/fmnist8/dit/N50/seed0/model.pt", "data": "results/data/fmnist8.npz",
+                     "snapshots": "results/runs/fmnist8/dit/N50/seed0/ema_snapshots",
+                     "shared:fid_reference": "results/shared/fid_reference/fmnist8/N50/seed0.npz",
+                     "table:fid": "results/runs/fmnist8/dit/N50/seed0/fid.parquet"}
+    assert plan.extra_inputs(curve) == [f"{k}={v}" for k, v in curve.items() if k not in ("model", "data")]
+    assert set(plan.measurement_inputs(micro, "psnr", run10)) == {"model", "data"}
+    # the final FID point is reused only where the FID measurement runs
+    cfg = dict(micro, evaluation=dict(micro["evaluation"], fid=dict(micro["evaluation"]["fid"], N=[])))
+    assert "table:fid" not in plan.measurement_inputs(cfg, "fid_curve", run50)
+
+
+def test_settings_runtime_and_shared_inputs(micro):
+    curve = plan.instance_settings(micro, "fid_curve")  # fid's sampling settings plus its own N
+    assert curve["N"] == [50] and curve["num_samples"] == 8 and curve["sampling_steps"] == 5
+    assert plan.shared_settings(micro, "fid_reference")["max_reference"] == 8
+    run = RunKey("fmnist8", "dit", 50, 0)
+    assert plan.runtime_minutes(micro, "psnr", run) == 10
+    assert plan.runtime_minutes(micro, "fid_curve", run) == 20  # one snapshot + the final model
+
+
+def test_switched_off_names_the_config_switch(micro):
+    cfg = dict(micro, evaluation=dict(micro["evaluation"], jacobian=dict(micro["evaluation"]["jacobian"], N=[])))
+    off = plan.switched_off(cfg, "micro")
+    assert off == {"jacobian": "evaluation.jacobian.N = [] (study N: [10, 50])"}  # not gmm/FreeU: DiT cannot take them
+
+
+def test_study_description_carries_papers_settings_and_switches():
+    cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-000.yaml").read_text()))
+    d = plan.study_description(cfg, "gmm_s")
+    assert d["papers"] == ["000", "001"] and d["variant_specs"]["uvit_gmm"]["options"]["gmm"] is True
+    assert d["settings"]["freeu"]["sample_points"] == [[1.8, 0.85], [1.0, 0.85], [1.3, 1.0]]
+    assert "jacobian" in d["switched_off"] and "attention" not in d["switched_off"]
+    assert "freeu-gmm_s" in plan.instances(cfg)  # a study-scoped measurement: one instance per study
+
+
+def test_pca_request_and_training_groups():
+    cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-004.yaml").read_text()))
+    source = RunKey("imagenet", "xs", 100000, 43)
+    assert plan.pca_request(cfg, source) == {"components": 50, "layers": [1, 2, 3], "num_images": 2048,
+                                             "respacing": 50, "timesteps": [10, 25, 40]}
+    run = RunKey("celeba", "xs_pca", 1000, 43)
+    assert plan.train_inputs(cfg, run)["pca_basis"] == "results/paper-004/runs/imagenet/xs/N100000/seed43/pca_basis.pt"
+    assert plan.train_group(cfg, RunKey("celeba", "xs_local", 10, 43)) is None  # 1440-minute budget: single jobs
+    micro = load("workflow/configs/micro.yaml")
+    assert plan.train_group(micro, RunKey("fmnist8", "dit", 10, 0)) == "train_small"
+    assert plan.train_group(micro, RunKey("fmnist8", "dit", 50, 0)) is None
+    bad = dict(cfg, variants=dict(cfg["variants"], other={**cfg["variants"]["xs_pca"],
+                                                          "options": {**cfg["variants"]["xs_pca"]["options"],
+                                                                      "pca_layers": [4]}}))
+    with pytest.raises(ValueError, match="different PCA settings"):
+        plan.pca_request(bad, source)
