@@ -76,5 +76,5 @@ def test_same_seed_same_weights_and_fingerprint(tmp_path):
 
 
 def test_missing_autoencoder_says_how_to_fetch_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/sd-vae-ft-ema"):
         Autoencoder.load(tmp_path / "nothing", "cpu")

@@ -82,8 +82,9 @@ class Autoencoder:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{path}: no AutoencoderKL here (config.json missing). Fetch it once on a machine with network access, "
-                f"e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir {path}` "
-                "(docs/latents-and-multi-gpu.md); jobs never download")
+                f"e.g. `hf download stabilityai/sd-vae-ft-ema config.json diffusion_pytorch_model.safetensors "
+                f"--local-dir {path}` (`huggingface-cli download ...` with huggingface_hub < 1.0; "
+                "docs/latents-and-multi-gpu.md); jobs never download")
         # low_cpu_mem_usage=False: the default path wants `accelerate` (not a dependency) and only warns without it
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32,
                                             low_cpu_mem_usage=False)
