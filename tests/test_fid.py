@@ -234,3 +234,17 @@ def test_shared_reference_features_give_the_same_metrics(built, images, harness_
     assert res["kid_subset_size"] == N // 2 == fid.kid_subset_size_for(N, N)
     assert res["kid_std"] > 1e-3 * abs(res["kid_mean"]) and res["kid_std"] > harness_result["kid_std"]
     assert res["fid"] == same["fid"]
+
+
+def test_fid_against_a_reference_statistics_file_equals_the_image_path(built, images, harness_result, tmp_path):
+    """ADM-style reference .npz (mu, sigma of the reference images' features) == FID computed from the images."""
+    weights, _ = built
+    a, b = images
+    fa = fid.inception_features(a, weights_path=weights, cpu_threads=1)
+    fb = fid.inception_features(b, weights_path=weights, cpu_threads=1)
+    fid.save_fid_statistics(tmp_path / "ref.npz", fb)
+    with np.load(tmp_path / "ref.npz") as f:
+        assert sorted(f.files) == ["mu", "sigma"] and f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+    from_file = fid.fid_from_statistics(fa, tmp_path / "ref.npz")
+    assert from_file == pytest.approx(harness_result["fid"], rel=1e-6)  # torch-fidelity end to end on the images
+    assert from_file == pytest.approx(fid.metrics_from_features(fa, fb, kid=False, prc=False)["fid"], rel=1e-6)

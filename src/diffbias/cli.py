@@ -116,6 +116,17 @@ def cmd_report(args) -> None:
     build_report(json.loads(args.study), args.study_dir, args.out)
 
 
+def cmd_encode_latents(args) -> None:
+    from .device import set_threads
+    from .latents import encode_dataset
+
+    set_threads(args.threads)
+    meta = encode_dataset(json.loads(args.spec), args.out, device=args.device, batch_size=args.batch_size,
+                          workers=args.workers)
+    print(f"[encode-latents] {args.out}: {meta['count']} images -> {meta['latent_shape']} {meta['dtype']} "
+          f"({meta['posterior']}{', with mirrored twins' if meta['hflip'] else ''}), {len(meta['shards'])} shards")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="diffbias", description=__doc__.splitlines()[0])
@@ -210,6 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study-dir", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("encode-latents", parents=[common], help="encode a data set into autoencoder latents "
+                       "(dataset.latents), once, resumable")
+    p.add_argument("--spec", required=True, help="dataset entry of the config, as JSON, with a latents section")
+    p.add_argument("--out", required=True, help="cache folder (meta.json is written last)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per autoencoder call")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading and cropping images")
+    p.set_defaults(func=cmd_encode_latents)
 
     args = parser.parse_args(argv)
     args.func(args)

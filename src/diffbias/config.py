@@ -23,7 +23,7 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 KNOWN_POOL_SIZES = {"fashion_mnist": 70_000, "cifar10": 60_000}
 # Class counts used only to build class-conditional models at DAG time (the trainer reads the real count
 # from the labels; the embedding table's size cannot make a constructor fail).
-KNOWN_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet32": 1000}
+KNOWN_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet32": 1000, "imagenet": 1000}
 
 
 class ConfigError(ValueError):
@@ -563,6 +563,8 @@ def run_spec(config: dict, run: RunKey) -> dict:
     backbone, options = resolve_options(variant.get("backbone"), variant.get("preset"), variant.get("options"))
     training = dict(config.get("training", {}))
     training.update(variant.get("training", {}))
+    if training.get("gpus_per_run") == 1:  # one process is the default: existing runs keep their hash
+        del training["gpus_per_run"]
     dataset = dict(config["datasets"][run.dataset])
     spec = {
         "run": {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed},

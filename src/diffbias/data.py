@@ -67,6 +67,8 @@ __all__ = [
     "to_model_range",
     "from_model_range",
     "center_crop_resize",
+    "load_source",
+    "preprocess_image",
     "read_idx",
     "rgb_to_luma",
 ]
@@ -434,12 +436,43 @@ def load_celeba(path: str, *, crop: int = CELEBA_CROP, max_images: int | None = 
 
 
 def load_lsun(path: str, *, max_images: int | None = None):
-    """LSUN (a category such as bedroom or church) exported to an image folder.
+    """LSUN (a category such as bedroom or church_outdoor) exported to an image folder.
 
-    LSUN is distributed as lmdb databases, which need the ``lmdb`` package; this harness does not read
-    them. Export the category to a folder of images (or to an ``.npz`` and use the ``npz`` source) first.
+    Layout read: image files (LSUN's webp, or jpg/png) anywhere under ``path``, one unlabelled pool in sorted
+    path order. LSUN is distributed as lmdb databases; this harness reads the exported folder, as ADM
+    (guided-diffusion ``datasets/lsun_bedroom.py``) and LDM (``ldm/data/lsun.py``) do, so that no ``lmdb``
+    dependency is needed and the export is made once: LSUN's own ``python data.py export <db> --out_dir <dir>
+    --flat`` or ADM's script (docs/latents-and-multi-gpu.md). An ``.npz`` export works with the ``npz`` source.
     """
     return load_image_folder(path, max_images=max_images)
+
+
+IMAGENET_SPLITS = ("train", "val")
+
+
+def load_imagenet(path: str, *, split: str = "train", max_images: int | None = None):
+    """ImageNet-1k in the image-folder layout DiT and torchvision's ``ImageFolder`` read: ``path/train/<wnid>/*.JPEG``
+    and ``path/val/<wnid>/*.JPEG`` (the validation images sorted into class folders, e.g. by the usual
+    ``valprep.sh``). ``path`` may also be the split folder itself.
+
+    Labels: the index of the image's class folder among the sorted wnids (n01440764 -> 0, ..., 1000 classes), as
+    ``ImageFolder`` gives them; for ``val`` the class list must equal ``train``'s when both are present. Images are
+    lazy (opened on access); grey and CMYK JPEGs become RGB in the usual channel conversion.
+    """
+    if split not in IMAGENET_SPLITS:
+        raise ValueError(f"ImageNet split must be one of {IMAGENET_SPLITS}, got {split!r}")
+    root = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ImageNet folder {root} does not exist (expected {path}/{split}/<wnid>/*.JPEG)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{root}: no class folders (expected {split}/<wnid>/*.JPEG)")
+    train_root = os.path.join(path, "train")
+    if split == "val" and root != train_root and os.path.isdir(train_root):
+        train_classes = sorted(e.name for e in os.scandir(train_root) if e.is_dir() and not e.name.startswith("."))
+        if train_classes != classes:
+            raise ValueError(f"{root} and {train_root} have different class folders: labels would disagree")
+    return load_image_folder(root, max_images=max_images)
 
 
 FIXTURE_SIZE = 32
@@ -491,6 +524,7 @@ SOURCES: dict[str, Callable[..., tuple[Any, np.ndarray | None]]] = {
     "image_folder": load_image_folder,
     "celeba": load_celeba,
     "lsun": load_lsun,
+    "imagenet": load_imagenet,
     "fixture": load_fixture,
 }
 
@@ -691,6 +725,37 @@ def load_pool(
         if len(labels) != len(out):
             raise ValueError(f"{len(out)} images but {len(labels)} labels")
     return out, labels
+
+
+def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
+    """The images of a data-set spec as its loader returns them, capped at ``max_images`` and not yet resized:
+    an in-memory uint8 array for array sources, a lazy :class:`LazyImages` for image folders (nothing is
+    read until indexed, so a 1.28M-image ImageNet costs only its file list). Returns ``(images, labels or
+    None, path read)``; :func:`preprocess_image` turns one item into what :func:`load_pool` would hold."""
+    source, path = spec["source"], spec.get("path")
+    if source not in SOURCES:
+        raise KeyError(f"unknown data source {source!r}; known: {sorted(SOURCES)}")
+    if source == "fashion_mnist":
+        path = resolve_fashion_mnist_path(path)
+    elif path is None:
+        raise ValueError(f"source {source!r} needs a path (only fashion_mnist has a default)")
+    max_images = spec.get("max_images")
+    max_images = None if max_images is None else int(max_images)
+    images, labels = SOURCES[source](path, max_images=max_images, **dict(spec.get("loader_kwargs") or {}))
+    images, labels = _truncate(images, labels, max_images)
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return images, labels, path
+
+
+def preprocess_image(image, resolution: int, channels: int) -> np.ndarray:
+    """One item of :func:`load_source` -> uint8 ``(channels, resolution, resolution)``, through the very code
+    :func:`load_pool` runs on the whole pool (channel conversion, ADM centre crop), so both agree bit for bit."""
+    if isinstance(image, Image.Image):
+        return _convert_pils([image], int(resolution), int(channels))[0]
+    return _convert_array(np.asarray(image)[None], int(resolution), int(channels))[0]
 
 
 _SPEC_KEYS = ("source", "path", "resolution", "channels", "max_images", "loader_kwargs")

@@ -1,6 +1,7 @@
 # One training per (dataset, variant, N, seed), shared by every study that lists it.
 # Resumable: checkpoints go to a side path Snakemake does not manage (it deletes declared outputs of
 # failed jobs); a retry resumes from there. The trainer stops cleanly before the job's runtime.
+from diffbias.distributed import train_gpus, train_launcher
 
 
 rule pca_basis:
@@ -40,18 +41,20 @@ rule train:
         checkpoint=lambda wc: plan.pattern("checkpoint", R).format(**wc),
         device=CFG["device"],
         pca_arg=lambda wc, input: f"--pca-basis {input.pca_basis}" if "pca_basis" in input.keys() else "",
+        # torchrun with one process per GPU when training.gpus_per_run > 1 (diffbias.distributed), else python
+        launcher=lambda wc: train_launcher(run_spec(CFG, run_key(wc))),
     group: lambda wc: plan.train_group(CFG, run_key(wc))
     threads: CFG["threads_per_job"]
     resources:
         runtime=lambda wc, attempt: resource("train", "runtime", 60) * attempt,
         mem_mb=resource("train", "mem_mb", 4000),
-        gpu=resource("train", "gpu", 0),
+        gpu=lambda wc: train_gpus(run_spec(CFG, run_key(wc)), resource("train", "gpu", 0)),
     conda:
         "../envs/diffbias.yaml"
     log:
         f"{LOGS}/train/{{dataset}}/{{variant}}/N{{n}}/seed{{seed}}.log",
     shell:
-        "python -m diffbias train --spec {params.spec:q} --data {input.data} "
+        "{params.launcher} train --spec {params.spec:q} --data {input.data} "
         "--out-dir $(dirname {output.model}) --checkpoint {params.checkpoint} "
         "--device {params.device} --threads {threads} --max-runtime-minutes {resources.runtime} "
         "{params.pca_arg} "

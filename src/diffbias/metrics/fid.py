@@ -28,6 +28,10 @@ __all__ = [
     "inception_features",
     "kid_subset_size_for",
     "metrics_from_features",
+    "fid_statistics",
+    "save_fid_statistics",
+    "load_fid_statistics",
+    "fid_from_statistics",
 ]
 
 
@@ -281,3 +285,57 @@ def metrics_from_features(
             p = prc_features_to_metric(f1, f2, **opts)
             out["precision"], out["recall"] = float(p[torch_fidelity.KEY_METRIC_PRECISION]), float(p[torch_fidelity.KEY_METRIC_RECALL])
     return out
+
+
+# --------------------------------------------------------------------------- precomputed reference statistics
+# ADM's evaluator (openai/guided-diffusion, evaluations/evaluator.py), which seeds 002/003 report, scores samples
+# against a reference .npz such as VIRTUAL_imagenet256_labeled.npz: ``mu``, ``sigma`` (pool_3, 2048-d) and
+# ``mu_s``, ``sigma_s`` (spatial features for sFID), besides the images ``arr_0``. FID here reads ``mu``/``sigma``
+# and computes the distance with torch-fidelity's own function (``fid_statistics_to_metric``).
+
+
+def fid_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """``{"mu", "sigma"}`` of (n, d) features: torch-fidelity's ``fid_features_to_statistics`` (mean, covariance)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(features.float().cpu())
+
+
+def save_fid_statistics(path: str | os.PathLike, features: torch.Tensor) -> None:
+    """Write the FID statistics of ``features`` as an ADM-style reference ``.npz`` (``mu``, ``sigma``), atomically."""
+    from ..io import atomic_path
+
+    stats = fid_statistics(features)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez given a name would append ".npz"
+            np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
+
+
+def load_fid_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``mu`` (d,) and ``sigma`` (d, d) from a reference ``.npz`` (ADM's, or :func:`save_fid_statistics`'s).
+    The images (``arr_0``) and sFID statistics a file may also hold are not read."""
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ("mu", "sigma") if k not in f.files]
+        if missing:
+            raise KeyError(f"{path}: no {missing} (FID reference statistics need mu and sigma; keys: {f.files})")
+        mu, sigma = np.asarray(f["mu"]), np.asarray(f["sigma"])
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (d,) and (d, d)")
+    return {"mu": mu, "sigma": sigma}
+
+
+def fid_from_statistics(sample_features: torch.Tensor, reference: str | os.PathLike | dict) -> float:
+    """FID of (n, d) sample features against precomputed reference statistics (a ``.npz`` path or a
+    ``{"mu", "sigma"}`` dict), with torch-fidelity's ``fid_statistics_to_metric``. Both sides are taken in
+    float64 (ADM's files are float64; torch-fidelity requires equal dtypes)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    ref = load_fid_statistics(reference) if not isinstance(reference, dict) else reference
+    ours = fid_statistics(sample_features)
+    if ours["mu"].shape != ref["mu"].shape:
+        raise ValueError(f"sample features are {ours['mu'].shape[0]}-d, the reference statistics "
+                         f"{ref['mu'].shape[0]}-d (ADM's mu/sigma are Inception pool_3, 2048-d)")
+    as64 = lambda st: {"mu": np.asarray(st["mu"], np.float64), "sigma": np.asarray(st["sigma"], np.float64)}  # noqa: E731
+    import torch_fidelity
+
+    return float(fid_statistics_to_metric(as64(ours), as64(ref), False)[torch_fidelity.KEY_METRIC_FID])
