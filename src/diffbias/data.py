@@ -64,6 +64,7 @@ __all__ = [
     "prepare_dataset",
     "load_prepared",
     "split_indices",
+    "run_split",
     "to_model_range",
     "from_model_range",
     "center_crop_resize",
@@ -843,6 +844,13 @@ def split_indices(pool_size: int, n_train: int, n_test: int, shuffle_seed: int) 
     train = perm[pool_size - n_train:]
     test = perm[:n_test]
     return train, test
+
+
+def run_split(pool_size: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, test) indices of the run described by ``spec`` (its ``run`` and ``dataset`` entries,
+    :func:`diffbias.config.run_spec`): the one place every job (training, measurements, shared inputs) gets a
+    run's split from."""
+    return split_indices(pool_size, spec["run"]["N"], spec["dataset"]["test_size"], spec["run"]["seed"])
 
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -54,5 +54,6 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
     cfg = section_settings(("evaluation", shared.config_key), json.loads(config) if isinstance(config, str) else config)
     set_threads(threads)
     images, labels, _ = data_lib.load_prepared(data)
-    arrays = shared.build(images, labels, n, seed, test_size, cfg, str(resolve_device(device)), threads)
+    split = data_lib.run_split(len(images), {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size}})
+    arrays = shared.build(images, labels, split, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)
     write_npz(out, **arrays)

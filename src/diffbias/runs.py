@@ -25,11 +25,10 @@ from .device import resolve_device
 from .train import load_trained
 
 
-def reference_indices(pool_size: int, n: int, test_size: int, seed: int, which: str, max_reference: int) -> np.ndarray:
+def reference_indices(split: tuple[np.ndarray, np.ndarray], which: str, max_reference: int) -> np.ndarray:
     """The FID reference set of a run: the first min(N, max_reference) of its training images (paper 004 A.2,
-    50k cap) or of its held-out test images, in the run's deterministic split."""
-    train_idx, test_idx = data_lib.split_indices(pool_size, n, test_size, seed)
-    pool = train_idx if which == "train" else test_idx
+    50k cap) or of its held-out test images, in the run's deterministic split (data.run_split)."""
+    pool = split[0] if which == "train" else split[1]
     return pool[: min(len(pool), max_reference)]
 
 
@@ -114,8 +113,7 @@ class TrainedRun:
     # -- its images -----------------------------------------------------------------------------------------
     @cached_property
     def split(self) -> tuple[np.ndarray, np.ndarray]:
-        return data_lib.split_indices(len(self.images), self.run["N"], self.spec["dataset"]["test_size"],
-                                      self.run["seed"])
+        return data_lib.run_split(len(self.images), self.spec)
 
     def _images(self, idx: np.ndarray) -> Images:
         x = data_lib.to_model_range(self.images[idx]).to(self.device)
@@ -134,8 +132,7 @@ class TrainedRun:
 
     def reference_images(self, which: str, max_reference: int) -> np.ndarray:
         """uint8 reference set for FID (see :func:`reference_indices`)."""
-        idx = reference_indices(len(self.images), self.run["N"], self.spec["dataset"]["test_size"], self.run["seed"],
-                                which, max_reference)
+        idx = reference_indices(self.split, which, max_reference)
         return self.images[idx]
 
     # -- sampling -------------------------------------------------------------------------------------------

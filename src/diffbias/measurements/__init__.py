@@ -66,8 +66,9 @@ class SharedInput:
     """A file several measurements read, built once per (dataset, N, seed) by the generic ``shared_input`` rule
     (``python -m diffbias shared-input <name>``), e.g. the Inception features of an FID reference set.
 
-    ``build(images, labels, train_idx, test_idx, cfg, device, threads) -> dict of arrays`` gets the prepared pool
-    and the (dataset, N, seed) split; ``cfg`` is ``evaluation.<config_key>``."""
+    ``build(images, labels, split, key, cfg, device, threads) -> dict of arrays`` gets the prepared pool, the
+    (train, test) indices of the runs it serves (data.run_split), their key ``{"N", "seed"}`` and its settings
+    ``cfg`` = ``evaluation.<config_key>``."""
 
     name: str
     config_key: str

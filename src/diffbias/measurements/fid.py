@@ -45,15 +45,15 @@ UNAVAILABLE_METRICS = {
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_reference(images, labels, n: int, seed: int, test_size: int, cfg: dict, device: str, threads) -> dict:
+def build_reference(images, labels, split, key: dict, cfg: dict, device: str, threads) -> dict:
     """Inception features of the FID reference set of the runs with this (dataset, N, seed)."""
     from ..metrics.fid import inception_features
     from ..runs import reference_indices
 
-    idx = reference_indices(len(images), n, test_size, seed, cfg["reference"], cfg["max_reference"])
+    idx = reference_indices(split, cfg["reference"], cfg["max_reference"])
     feats = inception_features(images[idx], device=device, cpu_threads=threads)
-    print(f"[fid-reference N={n} seed={seed}] {len(idx)} {cfg['reference']} images")
-    return {"features": feats.numpy(), "N": n, "seed": seed, "reference": cfg["reference"],
+    print(f"[fid-reference {key}] {len(idx)} {cfg['reference']} images")
+    return {"features": feats.numpy(), "N": key["N"], "seed": key["seed"], "reference": cfg["reference"],
             "max_reference": cfg["max_reference"]}
 
 
