@@ -315,10 +315,36 @@ def test_split_is_last_and_first_of_permutation():
 
 
 def test_split_too_large_raises():
-    with pytest.raises(ValueError, match=r"100 \+ 1 = 101 exceeds the pool of 100"):
+    with pytest.raises(ValueError, match=r"n_train \+ n_test = 101 exceeds the pool of 100"):
         split_indices(100, 100, 1, 0)
+    with pytest.raises(ValueError, match=r"part B: 2 x n_train \+ n_test = 101"):
+        split_indices(100, 50, 1, 0, part="B")
     with pytest.raises(ValueError):
         split_indices(100, -1, 1, 0)
+
+
+def test_part_b_is_disjoint_from_a_with_the_same_test_set():
+    perm = np.random.default_rng(3).permutation(300)
+    a_train, a_test = split_indices(300, 40, 20, 3)
+    b_train, b_test = split_indices(300, 40, 20, 3, part="B")
+    np.testing.assert_array_equal(b_train, perm[-80:-40])  # the N images just before A's
+    np.testing.assert_array_equal(a_test, b_test)
+    assert not set(a_train.tolist()) & set(b_train.tolist()) and not set(b_train.tolist()) & set(a_test.tolist())
+
+
+def test_official_test_images_are_never_trained_on():
+    is_test = np.zeros(500, dtype=bool)
+    is_test[400:] = True  # the last 100 images are the official test set (CIFAR-10's test_batch, say)
+    for part in ("A", "B"):
+        train, test = split_indices(500, 150, 60, 7, part=part, is_test=is_test)
+        assert is_test[test].all() and not is_test[train].any() and len(train) == 150 and len(test) == 60
+    a, _ = split_indices(500, 150, 60, 7, is_test=is_test)
+    b, _ = split_indices(500, 150, 60, 7, part="B", is_test=is_test)
+    assert not set(a.tolist()) & set(b.tolist())
+    with pytest.raises(ValueError, match="official test images"):
+        split_indices(500, 10, 101, 7, is_test=is_test)
+    with pytest.raises(ValueError, match="official training images"):
+        split_indices(500, 201, 10, 7, part="B", is_test=is_test)
 
 
 # ---------------------------------------------------------------- prepare / load

@@ -65,6 +65,7 @@ __all__ = [
     "load_prepared",
     "split_indices",
     "run_split",
+    "SPLIT_PARTS",
     "to_model_range",
     "from_model_range",
     "center_crop_resize",
@@ -824,33 +825,58 @@ def load_prepared(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def split_indices(pool_size: int, n_train: int, n_test: int, shuffle_seed: int) -> tuple[np.ndarray, np.ndarray]:
+SPLIT_PARTS = ("A", "B")
+
+
+def split_indices(pool_size: int, n_train: int, n_test: int, shuffle_seed: int, *, part: str = "A",
+                  is_test: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Train/test indices into a pool, as in paper 004, appendix A.2.
 
-    The whole pool is shuffled once with ``np.random.default_rng(shuffle_seed).permutation(pool_size)``;
-    TRAIN is the *last* ``n_train`` entries of that order and TEST the *first* ``n_test``, so they are
-    disjoint, and for a fixed seed the test set is the same for every ``n_train`` (and every model).
+    The whole pool is shuffled once with ``np.random.default_rng(shuffle_seed).permutation(pool_size)``; TEST is the
+    *first* ``n_test`` entries of that order and TRAIN the *last* ``n_train``, so they are disjoint, and for a fixed
+    seed the test set is the same for every ``n_train`` (and every model).
+
+    - ``part="B"``: the ``n_train`` images just before part A's in the same order: disjoint from A and from the test
+      set, with the same test set (two models trained on disjoint data, Kadkhodaie et al. 2024).
+    - ``is_test``: a boolean mask over the pool marking the data set's official test (or validation) images; the test
+      set is then the first ``n_test`` of those in the shuffled order, and the training parts come from the others
+      only, so no official test image is ever trained on.
+
     Returns two int64 arrays (in shuffled order).
     """
     for name, v in (("pool_size", pool_size), ("n_train", n_train), ("n_test", n_test)):
         if int(v) != v or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v}")
+    if part not in SPLIT_PARTS:
+        raise ValueError(f"split part must be one of {SPLIT_PARTS}, got {part!r}")
     pool_size, n_train, n_test = int(pool_size), int(n_train), int(n_test)
-    if n_train + n_test > pool_size:
-        raise ValueError(
-            f"n_train + n_test = {n_train} + {n_test} = {n_train + n_test} exceeds the pool of {pool_size} images"
-        )
     perm = np.random.default_rng(shuffle_seed).permutation(pool_size).astype(np.int64)
-    train = perm[pool_size - n_train:]
-    test = perm[:n_test]
+    if is_test is None:
+        test, rest = perm[:n_test], perm[n_test:]
+        test_pool = pool_size
+    else:
+        is_test = np.asarray(is_test, dtype=bool)
+        if is_test.shape != (pool_size,):
+            raise ValueError(f"is_test has shape {is_test.shape}, the pool has {pool_size} images")
+        official = is_test[perm]
+        test, rest, test_pool = perm[official][:n_test], perm[~official], int(official.sum())
+        if n_test > test_pool:
+            raise ValueError(f"n_test = {n_test} exceeds the {test_pool} official test images")
+    k = SPLIT_PARTS.index(part) + 1  # A: the last n_train, B: the n_train before them
+    if k * n_train > len(rest):
+        need = f"{k} x n_train + n_test = {k * n_train + n_test}" if is_test is None else f"{k} x n_train = {k * n_train}"
+        raise ValueError(f"split part {part}: {need} exceeds the pool of {len(rest) + (n_test if is_test is None else 0)} "
+                         f"{'images' if is_test is None else 'official training images'}")
+    train = rest[len(rest) - k * n_train: len(rest) - (k - 1) * n_train]
     return train, test
 
 
-def run_split(pool_size: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The (train, test) indices of the run described by ``spec`` (its ``run`` and ``dataset`` entries,
-    :func:`diffbias.config.run_spec`): the one place every job (training, measurements, shared inputs) gets a
-    run's split from."""
-    return split_indices(pool_size, spec["run"]["N"], spec["dataset"]["test_size"], spec["run"]["seed"])
+def run_split(pool_size: int, spec: dict, is_test: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, test) indices of the run described by ``spec`` (its ``run`` and ``dataset`` entries and its
+    ``split`` part, :func:`diffbias.config.run_spec`): the one place every job (training, measurements, shared
+    inputs) gets a run's split from. ``is_test`` marks the pool's official test images when the data set uses them."""
+    return split_indices(pool_size, spec["run"]["N"], spec["dataset"]["test_size"], spec["run"]["seed"],
+                         part=spec.get("split", "A"), is_test=is_test)
 
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
