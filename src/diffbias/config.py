@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .paths import REPO_ROOT  # re-exported: config.REPO_ROOT is used by callers
+
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 # Pool sizes known without touching the data, so "N too large" fails before any job starts.
