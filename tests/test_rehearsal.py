@@ -202,7 +202,8 @@ def test_paper_config_rehearses_end_to_end(name, tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
-# Issue 11's list for the rehearsed paper-004 report: study -> report sections that must be rendered.
+# What the rehearsed paper-004 report must render, per study: the sections holding seed 004's tables 1-3 and
+# figures 2, 3, 6-8 and 12 (study -> report section titles).
 PAPER_004_SECTIONS = {
     "fig2_psnr_curves": ["PSNR of one-step denoising, train vs test", "Jacobian eigenvectors and spectra"],  # figs. 2, 3
     "fig6_local_vs_global": ["Mean PSNR gap per data set", "PSNR gap per training-set size",  # fig. 6
