@@ -149,7 +149,8 @@ def test_local_attention_closed_form():
 
 
 def test_shape_only_trace_counts_like_a_real_trace():
-    """The default shape-only mode skips the heavy arithmetic but records the same graph."""
+    """The default count (on the meta device, no arithmetic) records the graph of a real trace, also with local
+    attention windows and the UNet's optional blocks."""
     cases = [
         ("dit", "DiT-T/1", {"attention": "3,G,5,G,7,G"}, 10),
         ("unet", "UNet-T", {}, 0),
