@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .paths import REPO_ROOT  # re-exported: config.REPO_ROOT is used by callers
+
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 # Pool sizes known without touching the data, so "N too large" fails before any job starts.
@@ -334,8 +335,11 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     For each such data set: the path exists and has the layout its ``source`` loader reads (headers only,
     see :func:`diffbias.data.check_source`), and, where the files say how many images they hold, the
     count equals a configured ``pool_size`` and the pool (capped by ``max_images``) holds every study's
-    largest N plus ``test_size``. A data set whose prepared pool ``<prepared_dir>/<key>.npz`` already
-    exists is skipped (no job reads its source). Raises ConfigError naming ``datasets.<key>.path``.
+    largest N plus ``test_size``. A data set is skipped only when its prepared pool
+    ``<prepared_dir>/<key>.npz`` exists and was prepared from exactly its current config entry (recorded in
+    the pool's metadata): then no job reads its source. After any edit of the entry Snakemake schedules
+    ``prepare_data`` again (its params are the entry), so the source is checked. Raises ConfigError naming
+    ``datasets.<key>.path``.
     Needs the files: on a cluster, run Snakemake where the data are mounted (the login node); set
     ``DIFFBIAS_SKIP_DATA_CHECK=1`` to build a DAG elsewhere (e.g. a dry run of a paper config on a laptop).
     """
@@ -351,7 +355,7 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
                 wanted[pca["dataset"]] = max(wanted.get(pca["dataset"], 0), int(pca["N"]))
     for key in sorted(wanted):
         ds = config["datasets"][key]
-        if prepared_dir is not None and (Path(prepared_dir) / f"{key}.npz").exists():
+        if prepared_dir is not None and _prepared_from(Path(prepared_dir) / f"{key}.npz", ds):
             continue
         where = f"datasets.{key}.path"
         shown = ds.get("path") or f"<default {ds['source']} location>"
@@ -367,6 +371,23 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
         if wanted[key] + ds["test_size"] > usable:
             raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than N={wanted[key]} plus "
                               f"test_size={ds['test_size']}")
+
+
+def _prepared_from(path: Path, entry: dict) -> bool:
+    """Whether the prepared pool at ``path`` exists and records ``entry`` as the config entry it was prepared
+    from (``data.prepare_dataset`` writes it into the pool's metadata). Compared as the ``prepare_data`` rule's
+    params are (sorted-key JSON), so this is true exactly when Snakemake will not prepare it again. A missing
+    file, a pool without the record (an older one) or one that cannot be read: False (check the source)."""
+    import numpy as np
+
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            recorded = json.loads(str(d["meta"]))["config_entry"]
+    except Exception:  # noqa: BLE001 - no readable record: check the source
+        return False
+    return json.dumps(recorded, sort_keys=True) == json.dumps(entry, sort_keys=True, default=str)
 
 
 def pool_size(dataset: dict) -> int | None:
