@@ -531,6 +531,8 @@ class _State:
     worker_pid = 0
     torch_state = None      # torch's RNG state right after import, when torch seeds deterministically
     torch_default_threads = None
+    cuda_queried = False    # the CUDA runtime was asked for devices while preloading
+    cuda_restore = None
 
 
 def _preload(enabled: bool) -> None:
@@ -550,6 +552,7 @@ def _preload(enabled: bool) -> None:
         if name == "torch":
             if mod.initial_seed() == _TORCH_DEFAULT_SEED:
                 _State.torch_state = mod.get_rng_state()
+            _watch_cuda_runtime(mod)
         if name == "matplotlib":
             mod.use("Agg")  # what diffbias.report selects; never a GUI backend in the worker
         _log(f"preload {name}: {time.perf_counter() - t0:.2f} s")
@@ -567,10 +570,27 @@ def _preload(enabled: bool) -> None:
     _log(f"preloaded in {time.perf_counter() - t_all:.2f} s")
 
 
+def _watch_cuda_runtime(torch) -> None:
+    """Record any query of the CUDA runtime while preloading: cudaGetDeviceCount initialises the driver in this
+    process (torch.cuda.is_initialized() stays False), and a child forked after that cannot use CUDA."""
+    original = getattr(torch._C, "_cuda_getDeviceCount", None)
+    if original is None:
+        return
+
+    def watched(*args, **kwargs):
+        _State.cuda_queried = True
+        return original(*args, **kwargs)
+
+    torch._C._cuda_getDeviceCount = watched
+    _State.cuda_restore = lambda: setattr(torch._C, "_cuda_getDeviceCount", original)
+
+
 def _check_parent_state() -> None:
+    if _State.cuda_restore is not None:
+        _State.cuda_restore()
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        _log("CUDA was initialised while preloading: refusing to fork from this process")
+    if torch is not None and (torch.cuda.is_initialized() or _State.cuda_queried):
+        _log("CUDA was initialised or queried while preloading: refusing to fork from this process")
         sys.exit(3)
     try:
         tasks = os.listdir("/proc/self/task")
@@ -785,6 +805,7 @@ class _Server:
                 pass
         blocked = (signal.SIGCHLD, *FORWARDED_SIGNALS)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        t_fork = time.perf_counter()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -809,6 +830,7 @@ class _Server:
             finally:
                 os._exit(code)
         # ---------------------------------------------------------------------------------- parent
+        fork_ms = 1000 * (time.perf_counter() - t_fork)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first
@@ -820,7 +842,7 @@ class _Server:
         conn.t0 = time.monotonic()
         self.jobs[pid] = conn
         self.last_activity = time.monotonic()
-        _log(f"job {pid} for client {conn.peer_pid}: {' '.join(request['argv'][:1])}")
+        _log(f"job {pid} for client {conn.peer_pid}: {' '.join(request['argv'][:1])} (fork {fork_ms:.0f} ms)")
         if not conn.send({"pid": pid}):
             self._client_gone(conn)
 
@@ -1084,6 +1106,9 @@ def serve(spec: dict) -> int:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = "1"
     os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")  # pyarrow's jemalloc thread
+    # torch.cuda.is_available() during an import asks NVML, not the CUDA runtime (which would initialise the
+    # driver here and leave the children unable to use CUDA). The children read their own environment.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     _State.worker_pid = os.getpid()
     server = _Server(spec)
     if not server.take_life_lock():
