@@ -49,7 +49,8 @@ def _worker_pids(wdir) -> set[int]:
 
 
 def _jobs_logged(wdir) -> int:
-    return sum(len(re.findall(r"\bjob \d+ for client", log.read_text(errors="replace"))) for log in Path(wdir).glob("*.log"))
+    logs = (log.read_text(errors="replace") for log in Path(wdir).glob("*.log"))
+    return sum(len(re.findall(r"\bjob \d+ for client", text)) for text in logs)
 
 
 def _is_worker(pid: int) -> bool:
@@ -222,7 +223,8 @@ def test_sigterm_to_the_client_is_forwarded_and_its_status_returned(warm, tmp_pa
 
 
 def test_a_source_edit_gives_a_new_worker(wdir, tmp_path):
-    shutil.copytree(ROOT / "src" / "diffbias", tmp_path / "src" / "diffbias", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "src" / "diffbias", tmp_path / "src" / "diffbias",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     env = _env(wdir, DIFFBIAS_WORKER_PRELOAD=0, PYTHONPATH=tmp_path / "src")
     first, again = (_probe("ppid", env=env) for _ in range(2))
     assert first.returncode == 0 and first.stdout == again.stdout and _is_worker(int(first.stdout))
@@ -327,7 +329,8 @@ def test_train_and_measure_through_the_worker_give_identical_outputs(tiny_datase
         d = tmp_path / mode
         run = d / "run"
         commands = [
-            ["train", "--spec", json.dumps(spec), "--data", tiny_dataset, "--out-dir", run, "--checkpoint", d / "ck.pt"],
+            ["train", "--spec", json.dumps(spec), "--data", tiny_dataset, "--out-dir", run,
+             "--checkpoint", d / "ck.pt"],
             ["psnr", "--model", run / "model.pt", "--data", tiny_dataset, "--out", d / "psnr.parquet",
              "--config", json.dumps({"num_images": 8, "respacing": 5})],
             ["fid", "--model", run / "model.pt", "--data", tiny_dataset, "--out", d / "fid.parquet",

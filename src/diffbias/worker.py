@@ -492,7 +492,11 @@ _TORCH_DEFAULT_SEED = 67280421310721  # torch's fixed default seed in versions t
 
 
 def _log(msg: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [diffbias worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+    try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{stamp} [diffbias worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # a full or vanished log must not stop the worker
+        pass
 
 
 def _env_threads(env, *names):
@@ -517,7 +521,8 @@ def _physical_cores() -> int:
         names = []
     for name in names:
         topo = os.path.join(base, name, "topology")
-        core, package = _read(os.path.join(topo, "core_id")).strip(), _read(os.path.join(topo, "physical_package_id")).strip()
+        core = _read(os.path.join(topo, "core_id")).strip()
+        package = _read(os.path.join(topo, "physical_package_id")).strip()
         if core:
             cpus += 1
             cores.add((package, core))
@@ -709,16 +714,19 @@ class _Server:
             if not self.serving and not self.jobs:
                 timeout = 0.05
             for key, _ in self.sel.select(timeout):
-                if key.data == "listen":
-                    self._accept_all()
-                elif key.data == "wake":
-                    try:
-                        while os.read(self.wake_r, 512):
+                try:
+                    if key.data == "listen":
+                        self._accept_all()
+                    elif key.data == "wake":
+                        try:
+                            while os.read(self.wake_r, 512):
+                                pass
+                        except BlockingIOError:
                             pass
-                    except BlockingIOError:
-                        pass
-                else:
-                    self._readable(key.data)
+                    else:
+                        self._readable(key.data)
+                except Exception as exc:  # noqa: BLE001 - one bad connection must not end the running jobs
+                    _log(f"error serving a connection: {type(exc).__name__}: {exc}")
             self._reap()
             now = time.monotonic()
             for pid, when in list(self.kill_at.items()):
@@ -792,6 +800,8 @@ class _Server:
         self._fork(conn, request, fds)
         if conn.pid is None:
             sock.close()
+            return
+        if sock.fileno() < 0:  # the client went away at once: its job is being terminated
             return
         sock.setblocking(False)
         self.conns[sock.fileno()] = conn
@@ -1028,6 +1038,9 @@ def _child(request: dict, fds: list[int]) -> int:
             pass
     sys.argv = [request.get("argv0", ""), *request["argv"]]
     sys.path[:] = request["sys_path"]
+    import importlib
+
+    importlib.invalidate_caches()  # directory listings cached by the parent's imports
     _fresh_process_state(request["env"])
     code = _run_entry(request.get("entry", DEFAULT_ENTRY), request["argv"])
     return _finish(code)
