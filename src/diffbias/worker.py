@@ -143,9 +143,22 @@ def identity(env=None) -> dict:
                 limits[name] = resource.getrlimit(getattr(resource, name))
             except (ValueError, OSError):
                 pass
+    try:
+        st = os.stat(sys.executable)  # the interpreter behind a venv's link: an upgrade in place changes it
+        exe = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    except OSError:
+        exe = None
+    namespaces = {}
+    for ns in ("mnt", "pid", "net", "user", "ipc"):  # a container or a SLURM job's private /tmp: another worker
+        try:
+            namespaces[ns] = os.readlink(f"/proc/self/ns/{ns}")
+        except OSError:
+            pass
     return {
         "protocol": PROTOCOL,
         "executable": sys.executable,
+        "executable_stat": exe,
+        "namespaces": namespaces,
         "version": sys.version,
         "flags": _interpreter_flags(),
         "sys_path": path_stat,
