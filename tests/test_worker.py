@@ -212,11 +212,14 @@ def test_killing_the_client_kills_the_job(warm, tmp_path):
     assert _wait_until(lambda: not worker._pid_alive(job), 5), "the job outlived its client"
 
 
-def test_sigterm_to_the_client_is_forwarded_and_its_status_returned(warm, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_client_is_forwarded_and_its_status_returned(warm, tmp_path, sig):
     client, job = _start_sleeper(_env(warm), tmp_path)
-    client.send_signal(signal.SIGTERM)
-    assert client.wait(timeout=10) == 128 + signal.SIGTERM
+    client.send_signal(sig)
+    assert client.wait(timeout=10) == 128 + sig  # SIGINT: KeyboardInterrupt, then death by SIGINT, as Python does
     assert _wait_until(lambda: not worker._pid_alive(job), 5)
+    if sig == signal.SIGINT:
+        assert client.stderr.read().rstrip().endswith("KeyboardInterrupt")
 
 
 # ---------------------------------------------------------------------------------------------------- lifecycle
