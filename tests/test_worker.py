@@ -276,6 +276,19 @@ def test_an_idle_worker_exits_and_removes_its_socket(wdir):
     assert not list(wdir.glob("*.sock"))
 
 
+def test_a_worker_that_refused_its_identity_is_not_started_again(wdir):
+    env = _env(wdir, DIFFBIAS_WORKER_PRELOAD=0)
+    first = int(_probe("ppid", env=env).stdout)
+    (sock,) = wdir.glob("*.sock")
+    _stop_workers(wdir)
+    assert _wait_until(lambda: not _is_worker(first), 10)
+    Path(f"{sock}.refused").write_text("CUDA was initialised or queried while preloading")
+    out = _probe("ok", env=env)
+    assert out.returncode == 0 and out.stdout == "to stdout\n"
+    assert out.stderr.splitlines()[0].startswith("diffbias: worker unavailable, running in-process: CUDA was")
+    assert _worker_pids(wdir) == {first}
+
+
 @pytest.mark.parametrize("problem", ["a file", "not private", "too long"])
 def test_an_unusable_socket_directory_falls_back_to_in_process(tmp_path, problem):
     if problem == "a file":

@@ -329,6 +329,9 @@ def _obtain(paths: _Paths) -> socket.socket:
                 raise WorkerUnavailable(f"the worker exited with status {proc.returncode} while starting "
                                         f"(log: {paths.log})")
             if proc is None and not _life_held(paths.life):
+                refused = _read(paths.sock + ".refused")
+                if refused:  # a worker of this identity found it could not serve safely: do not start another
+                    raise WorkerUnavailable(f"{refused} (see {paths.log})")
                 with _suppress_missing():
                     os.unlink(paths.sock)  # stale: its worker is gone
                 proc = _spawn(paths)
@@ -603,13 +606,23 @@ def _watch_cuda_runtime(torch) -> None:
     _State.cuda_restore = lambda: setattr(torch._C, "_cuda_getDeviceCount", original)
 
 
-def _check_parent_state() -> None:
+def _refuse(spec: dict, why: str, code: int) -> int:
+    """Give up serving this identity, and say why to later clients (they run in-process at once)."""
+    _log(why)
+    try:
+        with open(spec["socket"] + ".refused", "w") as fh:
+            fh.write(why)
+    except OSError:
+        pass
+    return code
+
+
+def _check_parent_state(spec: dict) -> int:
     if _State.cuda_restore is not None:
         _State.cuda_restore()
     torch = sys.modules.get("torch")
     if torch is not None and (torch.cuda.is_initialized() or _State.cuda_queried):
-        _log("CUDA was initialised or queried while preloading: refusing to fork from this process")
-        sys.exit(3)
+        return _refuse(spec, "CUDA was initialised or queried while preloading: refusing to fork from the worker", 3)
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -617,6 +630,7 @@ def _check_parent_state() -> None:
     if len(tasks) > 1:
         names = sorted(_read(f"/proc/self/task/{t}/comm").strip() for t in tasks)
         _log(f"warning: {len(tasks)} threads before forking: {names}")
+    return 0
 
 
 class _Conn:
@@ -1145,11 +1159,12 @@ def serve(spec: dict) -> int:
 
     here = os.path.dirname(os.path.abspath(diffbias.__file__))
     if here != spec["package"]:
-        _log(f"imported diffbias from {here}, the client uses {spec['package']}: exiting")
-        return 2
+        return _refuse(spec, f"the worker imports diffbias from {here}, the client uses {spec['package']}", 2)
     _log(f"starting for {spec['socket']} ({sys.executable})")
     _preload(os.environ.get(ENV_PRELOAD, "1").strip().lower() not in ("0", "off", "no", "false"))
-    _check_parent_state()
+    refused = _check_parent_state(spec)
+    if refused:
+        return refused
     _State.torch_default_threads = _physical_cores()
     import gc
 
