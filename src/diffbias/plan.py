@@ -175,6 +175,20 @@ def runtime_minutes(config: dict, name: str, run: RunKey) -> float:
     return base * (units(run_spec(config, run), instance_settings(config, name)) if units else 1)
 
 
+def data_spec(config: dict, dataset: str) -> dict:
+    """A data set's entry as its prepare and encode jobs receive it: ``split: shuffle`` (the default) left out, so that
+    stating it does not rerun them; ``split: official`` kept (a pool prepared before masks were stored is rebuilt)."""
+    spec = dict(config["datasets"][dataset])
+    if spec.get("split") == "shuffle":
+        del spec["split"]
+    return spec
+
+
+def dataset_split(config: dict, dataset: str) -> str:
+    """``shuffle`` or ``official``: how the runs of a data set split its pool (data.run_test_mask)."""
+    return config["datasets"][dataset].get("split", "shuffle")
+
+
 def shared_settings(config: dict, shared: str) -> dict:
     return dict(config["evaluation"][measurements.SHARED_INPUTS[shared].config_key])
 
