@@ -51,7 +51,7 @@ def rehearse(cfg: dict, r: dict) -> None:
 def section_attention(ctx: dict) -> None:
     import torch
 
-    from ..metrics.attention_maps import plot_attention_maps
+    from ..metrics.attention_maps import LOG_DECADES, plot_attention_maps
 
     pyplot, att = plt(), ctx["attention"]
     packed = ctx["arrays"].get("attention") or {}
@@ -80,9 +80,9 @@ def section_attention(ctx: dict) -> None:
             fig.suptitle(f"{d}, {display(ctx, v)}: attention maps across N (image 0, normalised, colour map on [0, 0.1])",
                          fontsize=9)
             save_figure(ctx, fig, f"attention_maps_{d}_{v}")
-        baselines = {b.baseline for b in ctx["blocks"] if b.baseline} or {runs[0][0].variant}
-        for layer in FIGURE_LAYERS:  # figs. 9-11: six images at one layer of the baseline models, rows N
-            rows = [x for x in runs if f"layer{layer}" in x[1] and x[0].variant in baselines]
+        shown = figure_variants(ctx, runs)
+        for layer in FIGURE_LAYERS:  # figs. 9-11: six images at one layer of the DiT baseline(s), rows N
+            rows = [x for x in runs if f"layer{layer}" in x[1] and x[0].variant in shown]
             if not rows:
                 continue
             n_img = min(6, min(len(x[1][f"layer{layer}"]) for x in rows))
@@ -90,14 +90,24 @@ def section_attention(ctx: dict) -> None:
                                         squeeze=False)
             for i, (r, arrays, _, grid) in enumerate(rows):  # one call per row: the images take the layers' place
                 plot_attention_maps([torch.from_numpy(arrays[f"layer{layer}"][j].astype("float32")) for j in range(n_img)],
-                                    grid, axes=axes[i], titles=[f"image {j + 1}" for j in range(n_img)])
+                                    grid, axes=axes[i], titles=[f"image {j + 1}" for j in range(n_img)], scale="log")
                 axes[i][0].set_ylabel(f"{display(ctx, r.variant)}\nN={r.N}", fontsize=7)
             figure = 9 + FIGURE_LAYERS.index(layer)
-            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, baseline model(s) "
-                         f"(paper 004 fig. {figure})", fontsize=9)
+            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, log-normalised over "
+                         f"{LOG_DECADES} decades (paper 004 fig. {figure})", fontsize=9)
             save_figure(ctx, fig, f"attention_layer{layer}_{d}")
     if not drawn:
         raise NotMeasured("no attention-map arrays")
+
+
+def figure_variants(ctx: dict, runs: list) -> set[str]:
+    """Whose maps figs. 9-11 draw: the study's baselines; without one, the variants with a map at every figure layer
+    (the DiTs: a UNet has one attention layer), else every variant."""
+    baselines = {b.baseline for b in ctx["blocks"] if b.baseline}
+    if baselines:
+        return baselines
+    deep = {r.variant for r, arrays, *_ in runs if all(f"layer{k}" in arrays for k in FIGURE_LAYERS)}
+    return deep or {r.variant for r, *_ in runs}
 
 
 @section("Attention locality per layer", "beyond the papers: attention mass within radius 1, mean distance and "
