@@ -78,7 +78,9 @@ def test_study_description_carries_papers_settings_and_switches():
     cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-000.yaml").read_text()))
     d = plan.study_description(cfg, "gmm_s")
     assert d["papers"] == ["000", "001"] and d["variant_specs"]["uvit_gmm"]["options"]["gmm"] is True
-    assert d["settings"]["freeu"]["sample_points"] == [[1.8, 0.85], [1.0, 0.85], [1.3, 1.0]]
+    # paper 000 figs. 5-7 and paper 001's Models 2-3 (Model 1 is fig. 5's (1, 1))
+    assert d["settings"]["freeu"]["sample_points"] == [[1.0, 1.0], [1.8, 0.85], [1.0, 0.85], [1.3, 1.0], [1.0, 0.8]]
+    assert d["settings"]["freeu"]["reference"] == "test" and d["settings"]["fid_curve"]["N"] == [50000]
     assert "jacobian" in d["switched_off"] and "attention" not in d["switched_off"]
     assert "freeu-gmm_s" in plan.instances(cfg)  # a study-scoped measurement: one instance per study
 
@@ -99,3 +101,15 @@ def test_pca_request_and_training_groups():
                                                                       "pca_layers": [4]}}))
     with pytest.raises(ValueError, match="different PCA settings"):
         plan.pca_request(bad, source)
+
+
+def test_the_report_reads_the_pca_basis_it_draws_and_data_jobs_ignore_the_default_split():
+    cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-004.yaml").read_text()))
+    basis = "results/paper-004/runs/imagenet/xs/N100000/seed43/pca_basis.pt"  # app. C: ImageNet's PCs used on CelebA
+    assert plan.study_pca_bases(cfg, "appc_parameter_reduction") == {"xs_pca": basis}
+    assert plan.report_inputs(cfg, "appc_parameter_reduction")["pca_basis_xs_pca"] == basis
+    assert plan.study_description(cfg, "appc_parameter_reduction")["pca_bases"] == {"xs_pca": basis}
+    assert plan.study_pca_bases(cfg, "fig6_local_vs_global") == {}
+    # paper-004 states split: shuffle, the default: its prepare jobs see the same spec as before the key existed
+    assert cfg["datasets"]["celeba"]["split"] == "shuffle" and "split" not in plan.data_spec(cfg, "celeba")
+    assert plan.dataset_split(cfg, "celeba") == "shuffle"

@@ -272,8 +272,21 @@ def study_arrays(config: dict, study: str) -> dict[str, ArrayPack]:
     return packs
 
 
+def study_pca_bases(config: dict, study: str) -> dict[str, str]:
+    """The attention PCA basis each PCA-attention variant of the study trains from (paper 004 app. C), the one of its
+    first run (first data set, N and seed): the report draws it (fig. 13)."""
+    s = config["studies"][study]
+    out = {}
+    for v in s["variants"]:
+        pca = config["variants"][v].get("pca_from")
+        if pca:
+            out[v] = pca_basis_path(config["results_dir"], RunKey(study_datasets(s)[0], v, s["N"][0], s["seeds"][0]), pca)
+    return out
+
+
 def report_inputs(config: dict, study: str) -> dict[str, str]:
-    return study_tables(config, study) | {f"arrays_{n}": p.out for n, p in study_arrays(config, study).items()}
+    return (study_tables(config, study) | {f"arrays_{n}": p.out for n, p in study_arrays(config, study).items()}
+            | {f"pca_basis_{v}": p for v, p in study_pca_bases(config, study).items()})
 
 
 def _papers(paper) -> list[str]:
@@ -307,4 +320,5 @@ def study_description(config: dict, study: str) -> dict:
         "settings": {name: settings(config, inst.measurement, inst.study) for name, inst in mine.items()
                      if measured_runs(config, study, inst)},
         "switched_off": switched_off(config, study),
+        "pca_bases": study_pca_bases(config, study),
     }

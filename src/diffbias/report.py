@@ -157,6 +157,8 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path, figures_di
         "blocks": analysis.variant_blocks(study),
         "arrays": {},
         "out": out,
+        # attention PCA bases of the study's PCA-attention variants (paper 004 fig. 13), declared report inputs
+        "pca_bases": {v: p for v, p in (study.get("pca_bases") or {}).items() if Path(p).exists()},
     }
     registry = measurements.load()
     for table in ("train_log", "counts", *registry):

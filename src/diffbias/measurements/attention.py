@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import analysis
-from ..sections import (NotMeasured, by_variant_then_n, datasets, display, first_runs, plt, save_figure, section,
+from ..sections import (NotApplicable, NotMeasured, by_variant_then_n, datasets, display, first_runs, plt, save_figure, section,
                         variants)
 from . import Cost, Measurement, Result, register_measurement
 
@@ -110,6 +110,40 @@ def figure_variants(ctx: dict, runs: list) -> set[str]:
     return deep or {r.variant for r, *_ in runs}
 
 
+@section("Principal components of attention maps", {"004": "fig. 13 (PCs of the first layers' maps of the baseline "
+         "the PCA variant takes them from, log-normalised)"})
+def section_attention_pcs(ctx: dict) -> None:
+    """The basis a PCA-attention variant trains from (rule pca_basis): per layer, its first principal components as
+    L x L maps, log-normalised as the paper draws them. Drawn from the basis file; no measurement recomputes it."""
+    import torch
+
+    from ..metrics.attention_maps import LOG_DECADES, log_normalise_for_display
+
+    bases = ctx.get("pca_bases") or {}
+    if not bases:
+        raise NotApplicable("no PCA-attention variant")
+    pyplot = plt()
+    for variant, path in bases.items():
+        basis = torch.load(path, map_location="cpu", weights_only=False)
+        layers = sorted(basis["components"])
+        shown = min(8, min(len(basis["components"][k]) for k in layers))
+        fig, axes = pyplot.subplots(len(layers), shown, figsize=(1.5 * shown + 0.6, 1.5 * len(layers) + 0.6),
+                                    squeeze=False)
+        for i, layer in enumerate(layers):
+            for j in range(shown):
+                ax = axes[i][j]
+                ax.imshow(log_normalise_for_display(basis["components"][layer][j]).numpy(), cmap="viridis", vmin=0,
+                          vmax=1, interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(f"PC {j + 1}", fontsize=7) if i == 0 else None
+            axes[i][0].set_ylabel(f"layer {layer}", fontsize=7)
+        src, req = basis.get("source", {}), basis.get("request", {})
+        fig.suptitle(f"{display(ctx, variant)}: attention PCs of {src.get('dataset')}/{src.get('variant')} N={src.get('N')} "
+                     f"seed {src.get('seed')} ({req.get('num_images')} images, timesteps {req.get('timesteps')} of "
+                     f"{req.get('respacing')}; log-normalised over {LOG_DECADES} decades)", fontsize=8)
+        save_figure(ctx, fig, f"attention_pcs_{variant}")
+
+
 @section("Attention locality per layer", "beyond the papers: attention mass within radius 1, mean distance and "
          "entropy per layer against N", needs=("attention",))
 def section_attention_locality(ctx: dict) -> None:
@@ -146,5 +180,5 @@ register_measurement(Measurement(
     preview_items=6,  # paper 004 figs. 9-11 draw six images; a map is L x L per layer (1024^2 at 32x32, patch 1)
     cost=cost,
     rehearse=rehearse,
-    sections=(section_attention, section_attention_locality),
+    sections=(section_attention, section_attention_pcs, section_attention_locality),
 ))
