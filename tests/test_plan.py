@@ -31,7 +31,7 @@ def test_instances_and_the_runs_they_apply_to(micro):
 
 def test_study_tables_inputs_and_array_packs(micro):
     tables = plan.study_tables(micro, "micro")
-    assert set(tables) == {"train_log", "counts", "psnr", "fid", "fid_curve", "jacobian", "attention"}
+    assert set(tables) == {"train_log", "counts", "counts_by_length", "psnr", "fid", "fid_curve", "jacobian", "attention"}
     assert tables["fid"] == "results/studies/micro/fid.parquet"
     assert plan.table_inputs(micro, "micro", "fid") == ["results/runs/fmnist8/dit/N50/seed0/fid.parquet",
                                                         "results/runs/fmnist8/dit_local/N50/seed0/fid.parquet"]
@@ -113,3 +113,16 @@ def test_the_report_reads_the_pca_basis_it_draws_and_data_jobs_ignore_the_defaul
     # paper-004 states split: shuffle, the default: its prepare jobs see the same spec as before the key existed
     assert cfg["datasets"]["celeba"]["split"] == "shuffle" and "split" not in plan.data_spec(cfg, "celeba")
     assert plan.dataset_split(cfg, "celeba") == "shuffle"
+
+
+def test_counts_by_length_counts_each_architecture_at_other_input_sizes():
+    from diffbias.counts import LENGTH_FACTORS, length_sweep
+
+    cfg = load("workflow/configs/micro.yaml")
+    study = plan.study_description(cfg, "micro")
+    table = length_sweep(study)
+    res = study["dataset_specs"][study["count_dataset"]]["resolution"]
+    for variant, sub in table.groupby("variant"):
+        assert list(sub["side"]) == [int(round(res * f)) for f in LENGTH_FACTORS if (sub["side"] == int(round(res * f))).any()]
+        assert (sub["seq_len"] == sub["side"] ** 2).all() and sub["gmacs"].is_monotonic_increasing
+        assert len(sub) >= 2, variant

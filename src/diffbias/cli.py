@@ -82,7 +82,7 @@ def cmd_pca_basis(args) -> None:
 def cmd_counts(args) -> None:
     from .counts import write_study_counts
 
-    write_study_counts(json.loads(args.study), args.out, args.ops_out)
+    write_study_counts(json.loads(args.study), args.out, args.ops_out, args.length_out)
 
 
 def cmd_cost(args) -> None:
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study", required=True, help="study description JSON")
     p.add_argument("--out", required=True)
     p.add_argument("--ops-out", required=True, help="per-operator breakdown parquet")
+    p.add_argument("--length-out", help="GFLOPs at other input sizes (counts_by_length) parquet")
     p.set_defaults(func=cmd_counts)
 
     p = sub.add_parser("cost", help="training and evaluation GPU-hours of a config, before running it")

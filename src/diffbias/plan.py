@@ -25,8 +25,9 @@ PATTERNS = {
     "study_arrays": "{results}/studies/{study}/arrays/{measurement}.npz",
     "logs": "{results}/logs",
 }
-# Tables every study has besides its measurements': the training log (rule aggregate_study) and the models' counts.
-STUDY_TABLES = ("train_log", "counts")
+# Tables every study has besides its measurements': the training log (rule aggregate_study) and the models' counts
+# (rule counts: at the study's input, and at other input sizes).
+STUDY_TABLES = ("train_log", "counts", "counts_by_length")
 # SLURM job groups: small trainings (N <= SMALL_TRAIN_N, a time budget resources.train.runtime of at most
 # SMALL_TRAIN_MINUTES) are bundled into "train_small" group jobs; long ones stay single jobs, since a group asks for
 # the sum of its members' runtimes and a failed group job reruns its finished members too.

@@ -117,6 +117,26 @@ def section_costs(ctx: dict) -> None:
             "positions + other params once:", *published])
 
 
+@section("GFLOPs against sequence length", {"003": "fig. 3 (GFLOPs per image of each architecture as the sequence "
+         "grows; here the study's own architectures, counted at 1/2 to 4 times its resolution)"},
+         needs=("counts_by_length",))
+def section_flops_vs_length(ctx: dict) -> None:
+    pyplot, table = plt(), ctx["counts_by_length"]
+    fig, ax = pyplot.subplots(figsize=(5.5, 3.6))
+    for variant in dict.fromkeys(table["variant"]):
+        sub = table[table["variant"] == variant].sort_values("seq_len")
+        ax.plot(sub["seq_len"], sub["gmacs"], marker="o", ms=3, label=display(ctx, variant))
+    ax.set_xscale("log", base=2), ax.set_yscale("log")
+    ax.set_xlabel("sequence length before patching (input side², latent or pixel positions)")
+    ax.set_ylabel("GFLOPs per image (fvcore MACs)")
+    ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle("How each architecture's cost grows with the sequence (paper 003 fig. 3: patching keeps DiT's "
+                 "attention affordable; DiffuSSM grows linearly)", fontsize=8)
+    save_figure(ctx, fig, "flops_vs_length")
+    write_table(ctx, "flops_vs_length", table.assign(model=table["variant"].map(lambda v: display(ctx, v)))
+                [["model", "side", "seq_len", "tokens", "gmacs"]], ".4g")
+
+
 @section("Training loss and throughput", "diagnostics (no paper figure)", needs=("train_log",))
 def section_loss_curves(ctx: dict) -> None:
     pyplot, log = plt(), ctx["train_log"]
@@ -135,7 +155,7 @@ def section_loss_curves(ctx: dict) -> None:
 def sections() -> list[Callable[[dict], None]]:
     """Every section in report order: the overview, each measurement's (registry order), then cost and training."""
     return [section_overview, *(s for m in measurements.load().values() for s in m.sections),
-            section_costs, section_loss_curves]
+            section_costs, section_flops_vs_length, section_loss_curves]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +181,7 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path, figures_di
         "pca_bases": {v: p for v, p in (study.get("pca_bases") or {}).items() if Path(p).exists()},
     }
     registry = measurements.load()
-    for table in ("train_log", "counts", *registry):
+    for table in ("train_log", "counts", "counts_by_length", *registry):
         if (study_dir / f"{table}.parquet").exists():
             ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
     packs = []  # kept open while the sections draw: arrays are read from them on use

@@ -93,6 +93,7 @@ rule counts:
     output:
         counts=plan.pattern("study_table", R).replace("{table}", "counts"),
         ops=plan.pattern("study_table", R).replace("{table}", "counts_by_operator"),
+        lengths=plan.pattern("study_table", R).replace("{table}", "counts_by_length"),
     params:
         study=study_json,
     conda:
@@ -100,4 +101,5 @@ rule counts:
     log:
         f"{LOGS}/counts/{{study}}.log",
     shell:
-        "python -m diffbias counts --study {params.study:q} --out {output.counts} --ops-out {output.ops} > {log} 2>&1"
+        "python -m diffbias counts --study {params.study:q} --out {output.counts} --ops-out {output.ops} "
+        "--length-out {output.lengths} > {log} 2>&1"

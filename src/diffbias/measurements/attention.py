@@ -111,7 +111,7 @@ def figure_variants(ctx: dict, runs: list) -> set[str]:
 
 
 @section("Principal components of attention maps", {"004": "fig. 13 (PCs of the first layers' maps of the baseline "
-         "the PCA variant takes them from, log-normalised)"})
+         "the PCA variant takes them from, log-normalised)"}, needs=("attention",))
 def section_attention_pcs(ctx: dict) -> None:
     """The basis a PCA-attention variant trains from (rule pca_basis): per layer, its first principal components as
     L x L maps, log-normalised as the paper draws them. Drawn from the basis file; no measurement recomputes it."""
