@@ -300,7 +300,9 @@ def study_description(config: dict, study: str) -> dict:
     specs = {}
     for v in s["variants"]:
         cls, options = _backbone(config, v)
-        specs[v] = {"backbone": cls.backbone_name, "preset": config["variants"][v].get("preset"), "options": options}
+        training = {**config.get("training", {}), **config["variants"][v].get("training", {})}
+        specs[v] = {"backbone": cls.backbone_name, "preset": config["variants"][v].get("preset"), "options": options,
+                    "steps": training.get("steps"), "batch_size": training.get("batch_size")}
     datasets = study_datasets(s)
     mine = study_instances(config, study)
     return {

@@ -82,11 +82,17 @@ def section_overview(ctx: dict) -> None:
 
 
 @section("Model cost: parameters, GFLOPs, throughput", {"002": "table 2 (static metrics)", "000": "table 2 (FLOPs)",
-                                                         "003": "table 1 (GFLOPs column)"}, needs=("counts",))
+                                                         "003": "table 1 (total images and total GFLOPs columns)"},
+         needs=("counts",))
 def section_costs(ctx: dict) -> None:
     counts = ctx["counts"]
     per = counts[["variant", "params", "gmacs"]].copy()
     per["params (M)"] = per.pop("params") / 1e6
+    # paper 003 table 1: total images = training steps x batch size, total GFLOPs = total images x GFLOPs per image
+    specs = ctx["study"].get("variant_specs", {})
+    images = per["variant"].map(lambda v: (specs.get(v, {}).get("steps") or 0) * (specs.get(v, {}).get("batch_size") or 0))
+    per["total images (M)"] = images / 1e6
+    per["total GFLOPs"] = images * per["gmacs"]
     per = per.rename(columns={"gmacs": "GFLOPs"})
     log = ctx.get("train_log")
     if log is not None and len(log):
@@ -104,9 +110,12 @@ def section_costs(ctx: dict) -> None:
     write_table(ctx, "cost", per, ".3f")
     memory = log["memory_kind"].iloc[0] if log is not None and "memory_kind" in log and len(log) else "n/a"
     ctx["pdf"].table("Parameters, FLOPs and throughput", frame_table(
-        per, formats={"params (M)": ".3f", "GFLOPs": ".4f", "train_img_s": ".1f", "peak_mem_mb": ".0f", "sample_img_s": ".2f"}),
+        per, formats={"params (M)": ".3f", "GFLOPs": ".4f", "total images (M)": ".4g", "total GFLOPs": ".3g",
+                      "train_img_s": ".1f", "peak_mem_mb": ".0f", "sample_img_s": ".2f"}),
         caption=f"GFLOPs: multiply-accumulates per image as fvcore counts them (handles for fused/local attention, "
                 f"masks, FFTs, the DICE signal function) at the input of {ctx['study'].get('count_dataset', 'the study')}. "
+                "Total images = training steps x batch size, total GFLOPs = total images x GFLOPs per image (paper 003 "
+                "table 1's columns). "
                 f"Training images/s: median over runs of the last logged interval; peak memory: {memory}; "
                 "sampling images/s: median over the FID runs.")
     published = [f"{display(ctx, r.variant)}: {r.published}" for r in counts.itertuples() if getattr(r, "published", "")]
