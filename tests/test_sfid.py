@@ -83,6 +83,9 @@ def test_sfid_distance_is_adms_frechet_distance():
                                np.cov(b.numpy(), rowvar=False))
     assert ours == pytest.approx(adm, rel=1e-6)
     assert fid.sfid_from_statistics(sa, sa) == pytest.approx(0.0, abs=1e-6)
+    assert fid.sfid_from_features(a[:30], sb) == pytest.approx(fid.sfid_from_statistics(fid.spatial_statistics(a[:30]), sb),
+                                                               rel=1e-8)  # n < d: the low-rank route
+    assert fid.sfid_from_features(a, sb) == pytest.approx(ours)  # n > d: the statistics route
 
 
 @needs_source
@@ -97,6 +100,8 @@ def test_sfid_of_images_small_case_and_no_inception_score_from_offline_weights()
     ours = fid.sfid_from_statistics(sa, sb)
     adm = adm_frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"])
     assert ours > 0 and ours == pytest.approx(adm, rel=1e-3)
+    # fewer samples than dimensions: the n x n route gives the same distance
+    assert fid.sfid_from_features(a["spatial"], sb) == pytest.approx(ours, rel=1e-6)
     assert fid.sfid_from_statistics(sa, sa) == pytest.approx(0.0, abs=1e-3 * ours)
 
 

@@ -84,11 +84,11 @@ def reference_spatial(run, cfg: dict) -> dict:
 def extra_metrics(outputs: dict, spatial_reference: dict | None) -> dict:
     """sFID (when the reference's spatial statistics are given) and the Inception Score (when the weights gave
     logits); NaN otherwise, never a made-up number."""
-    from ..metrics.fid import inception_score_from_logits, sfid_from_statistics, spatial_statistics
+    from ..metrics.fid import inception_score_from_logits, sfid_from_features
 
     out = {"sfid": float("nan"), "inception_score": float("nan"), "inception_score_std": float("nan")}
     if spatial_reference is not None and "spatial" in outputs:
-        out["sfid"] = sfid_from_statistics(spatial_statistics(outputs["spatial"]), spatial_reference)
+        out["sfid"] = sfid_from_features(outputs["spatial"], spatial_reference)
     if "logits" in outputs:
         out["inception_score"], out["inception_score_std"] = inception_score_from_logits(outputs["logits"])
     return out

@@ -34,6 +34,7 @@ __all__ = [
     "inception_outputs",
     "spatial_statistics",
     "sfid_from_statistics",
+    "sfid_from_features",
     "inception_score_from_logits",
     "MISSING_IS_TENSOR",
     "save_image_folder",
@@ -376,6 +377,24 @@ def sfid_from_statistics(samples: dict, reference: dict) -> float:
 
     as64 = lambda st: {"mu": np.asarray(st["mu"], np.float64), "sigma": np.asarray(st["sigma"], np.float64)}  # noqa: E731
     return float(fid_statistics_to_metric(as64(samples), as64(reference), False)[torch_fidelity.KEY_METRIC_FID])
+
+
+def sfid_from_features(samples: torch.Tensor, reference: dict) -> float:
+    """sFID of (n, 2023) sample features against reference statistics. With fewer samples than dimensions the
+    sample covariance is A A^T (A = centred features / sqrt(n - 1), d x n) and the non-zero eigenvalues of
+    sigma_s sigma_r are those of the n x n matrix A^T sigma_r A: the same distance as :func:`sfid_from_statistics`
+    from an n x n eigenproblem instead of a 2023 x 2023 one (a rehearsal's few samples). Otherwise the latter."""
+    x = samples.double().cpu().numpy()
+    n, d = x.shape
+    if n > d:
+        return sfid_from_statistics(spatial_statistics(samples), reference)
+    mu_r, sigma_r = np.asarray(reference["mu"], np.float64), np.asarray(reference["sigma"], np.float64)
+    mu = x.mean(0)
+    a = (x - mu).T / np.sqrt(n - 1)
+    small = a.T @ sigma_r @ a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    diff = mu - mu_r
+    return float(diff @ diff + (a * a).sum() + np.trace(sigma_r) - 2 * tr_covmean)
 
 
 def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
