@@ -28,15 +28,12 @@ def study_counts(study: dict):
     return pd.DataFrame(rows), pd.concat(ops, ignore_index=True)
 
 
-# Input sides counted for counts_by_length, as multiples of the study's resolution: sequence lengths 1/4x to 16x.
-LENGTH_FACTORS = (0.5, 1, 2, 4)
-
-
-def length_sweep(study: dict, factors=LENGTH_FACTORS):
-    """Each variant's GFLOPs per image (fvcore MACs, every handle) at input sides ``factor x`` the study's resolution,
-    counted without weights: one row per (variant, side), with the sequence length before patching (side^2: the
-    latent or pixel positions, paper 003 fig. 3's axis) and the tokens the model sees. A side the model cannot take
-    (patch size, attention windows) is left out."""
+def length_sweep(study: dict):
+    """Each variant's GFLOPs per image (fvcore MACs, every handle) at the input sides the study lists
+    (``studies.<s>.count_sides``; none: an empty table), counted without weights: one row per (variant, side), with
+    the sequence length before patching (side^2: the latent or pixel positions, paper 003 fig. 3's axis) and the
+    tokens the model sees. A side the model cannot take (patch size, attention windows) is left out. Opt-in: an exact
+    count of an XL model takes minutes."""
     import pandas as pd
 
     from .metrics.flops import build_for_counting, count_flops
@@ -44,8 +41,7 @@ def length_sweep(study: dict, factors=LENGTH_FACTORS):
     ds = study["dataset_specs"][study["count_dataset"]]
     rows = []
     for variant, v in study["variant_specs"].items():
-        for factor in factors:
-            side = int(round(ds["resolution"] * factor))
+        for side in study.get("count_sides") or []:
             try:
                 model = build_for_counting(v["backbone"], None, v["options"], input_size=side, in_channels=ds["channels"])
                 macs, _ = count_flops(model, input_size=side, in_channels=ds["channels"])
@@ -62,6 +58,6 @@ def write_study_counts(study: dict, out: str, ops_out: str, length_out: str | No
 
     counts, ops = study_counts(study)
     if length_out:  # written before the counts table: a counts table on disk means the job finished
-        write_parquet(length_sweep(study), length_out, {"study": study, "factors": list(LENGTH_FACTORS)})
+        write_parquet(length_sweep(study), length_out, {"study": study})
     write_parquet(ops, ops_out, {"study": study})
     write_parquet(counts, out, {"study": study, "provenance": provenance()})

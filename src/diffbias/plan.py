@@ -316,6 +316,7 @@ def study_description(config: dict, study: str) -> dict:
         "datasets": datasets,
         "N": s["N"],
         "seeds": s["seeds"],
+        "count_sides": s.get("count_sides", []),
         "labels": {v: variant_label(config, v) for v in s["variants"]},
         "variant_specs": specs,
         "dataset_specs": {d: config["datasets"][d] for d in datasets},

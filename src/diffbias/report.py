@@ -127,10 +127,11 @@ def section_costs(ctx: dict) -> None:
 
 
 @section("GFLOPs against sequence length", {"003": "fig. 3 (GFLOPs per image of each architecture as the sequence "
-         "grows; here the study's own architectures, counted at 1/2 to 4 times its resolution)"},
-         needs=("counts_by_length",))
+         "grows; here the study's own architectures, counted at the input sides of studies.<s>.count_sides)"})
 def section_flops_vs_length(ctx: dict) -> None:
-    pyplot, table = plt(), ctx["counts_by_length"]
+    pyplot, table = plt(), ctx.get("counts_by_length")
+    if table is None or table.empty:
+        raise NotApplicable("studies.<s>.count_sides is not set")
     fig, ax = pyplot.subplots(figsize=(5.5, 3.6))
     for variant in dict.fromkeys(table["variant"]):
         sub = table[table["variant"] == variant].sort_values("seq_len")
