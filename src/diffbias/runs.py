@@ -73,9 +73,11 @@ class TrainedRun:
     """One finished run: ``TrainedRun.load(model.pt, data.npz, device)``."""
 
     def __init__(self, model: torch.nn.Module, checkpoint: dict, images: np.ndarray, labels: np.ndarray | None,
-                 device: torch.device, threads: int | None = None, inputs: dict[str, str] | None = None):
+                 device: torch.device, threads: int | None = None, inputs: dict[str, str] | None = None,
+                 is_test: np.ndarray | None = None):
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.images, self.labels = images, labels  # the whole prepared pool: uint8 (P, C, H, W), int64 (P,)
+        self.is_test = is_test  # official test images of the pool when the data set uses split: official
         self.threads = threads  # CPU threads of the job (torch and BLAS), for steps that set their own
         self.inputs = dict(inputs or {})  # a measurement's needs: "snapshots", "shared:<name>", "table:<name>" -> path
 
@@ -87,7 +89,8 @@ class TrainedRun:
         images, labels, _ = data_lib.load_prepared(str(data_path))
         if ckpt.get("num_classes", 0) and labels is None:
             raise ValueError(f"{model_path} is class-conditional but {data_path} has no labels")
-        return cls(model, ckpt, images, labels, dev, threads, inputs)
+        return cls(model, ckpt, images, labels, dev, threads, inputs,
+                   is_test=data_lib.run_test_mask(ckpt["spec"], str(data_path)))
 
     # -- what the run is ------------------------------------------------------------------------------------
     @property
@@ -113,7 +116,7 @@ class TrainedRun:
     # -- its images -----------------------------------------------------------------------------------------
     @cached_property
     def split(self) -> tuple[np.ndarray, np.ndarray]:
-        return data_lib.run_split(len(self.images), self.spec)
+        return data_lib.run_split(len(self.images), self.spec, self.is_test)
 
     def _images(self, idx: np.ndarray) -> Images:
         x = data_lib.to_model_range(self.images[idx]).to(self.device)

@@ -5,7 +5,7 @@ rule prepare_data:
     output:
         DATA,
     params:
-        spec=lambda wc: as_json(CFG["datasets"][wc.dataset]),
+        spec=lambda wc: as_json(plan.data_spec(CFG, wc.dataset)),
     conda:
         "../envs/diffbias.yaml"
     log:
@@ -23,7 +23,7 @@ rule encode_latents:
     output:
         f"{R}/latents/{{dataset}}/meta.json",
     params:
-        spec=lambda wc: json.dumps(CFG["datasets"][wc.dataset], sort_keys=True),
+        spec=lambda wc: json.dumps(plan.data_spec(CFG, wc.dataset), sort_keys=True),
         out=lambda wc: f"{R}/latents/{wc.dataset}",
         device=CFG["device"],
     threads: CFG["threads_per_job"]
