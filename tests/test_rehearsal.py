@@ -87,16 +87,18 @@ def test_paper_004_rehearsal_holds_its_largest_window_and_keeps_twelve_layers():
         backbone, options = _model(cfg, variant)
         if backbone == "dit":
             assert options["depth"] == 12 and options["hidden_size"] == 32
-    # every comparison over N keeps its order: 10 < 1e3 < 1e5 become 8 < 16 < 32 in every study and list
-    assert cfg["studies"]["fig2_psnr_curves"]["N"] == [8, 32]
-    assert cfg["studies"]["fig6_local_vs_global"]["N"] == [16, 32]
-    assert cfg["evaluation"]["jacobian"]["N"] == [8, 32]
-    assert cfg["evaluation"]["fid"]["N"] == [32]  # 1e4 is not kept by any study: FID at 1e5 only
+    # every comparison over N keeps its order: 10 < 1e3 < 1e4 < 1e5 become 8 < 16 < 32 < 48 in every study and
+    # list; a study keeps its smallest and largest N
+    assert cfg["studies"]["fig2_psnr_curves"]["N"] == [8, 48]
+    assert cfg["studies"]["fig6_local_vs_global"]["N"] == [16, 48]
+    assert cfg["studies"]["table1_dagger"]["N"] == [32, 48]
+    assert cfg["evaluation"]["jacobian"]["N"] == [8, 48]
+    assert cfg["evaluation"]["fid"]["N"] == [32, 48]  # table 1's dagger rows keep 1e4
     # app. C: the PCs still come from the ImageNet model at the largest N, used on CelebA
     pca = cfg["variants"]["xs_pca"]["pca_from"]
-    assert pca["dataset"] == "imagenet" and pca["N"] == 32
+    assert pca["dataset"] == "imagenet" and pca["N"] == 48
     run = next(r for r in all_runs(cfg) if r.variant == "xs_pca")
-    assert pca_source(run, pca).path == f"imagenet/xs/N32/seed{run.seed}" and run.dataset == "celeba"
+    assert pca_source(run, pca).path == f"imagenet/xs/N48/seed{run.seed}" and run.dataset == "celeba"
 
 
 def test_snapshots_and_warmup_scale_with_the_run():

@@ -339,7 +339,7 @@ def test_train_and_measure_through_the_worker_give_identical_outputs(tiny_datase
                      "ema_warmup": True, "hflip": True, "class_conditional": False, "label_dropout": 0.1,
                      "checkpoint_every": 4, "log_every": 2, "grad_clip": None},
     }
-    fid = {"num_samples": 8, "steps": 3, "reference": "train", "max_reference": 8, "batch_size": 8}
+    fid = {"num_samples": 8, "sampling_steps": 3, "reference": "train", "max_reference": 8, "batch_size": 8}
     common = ["--device", "cpu", "--threads", "1"]
     for mode in ("off", "on"):
         d = tmp_path / mode
@@ -347,10 +347,10 @@ def test_train_and_measure_through_the_worker_give_identical_outputs(tiny_datase
         commands = [
             ["train", "--spec", json.dumps(spec), "--data", tiny_dataset, "--out-dir", run,
              "--checkpoint", d / "ck.pt"],
-            ["psnr", "--model", run / "model.pt", "--data", tiny_dataset, "--out", d / "psnr.parquet",
+            ["measure", "psnr", "--model", run / "model.pt", "--data", tiny_dataset, "--out", d / "psnr.parquet",
              "--config", json.dumps({"num_images": 8, "respacing": 5})],
-            ["fid", "--model", run / "model.pt", "--data", tiny_dataset, "--out", d / "fid.parquet",
-             "--samples-out", d / "samples.npz", "--config", json.dumps(fid)],
+            ["measure", "fid", "--model", run / "model.pt", "--data", tiny_dataset, "--out", d / "fid.parquet",
+             "--arrays-out", d / "samples.npz", "--config", json.dumps(fid)],
         ]
         env = _env(wdir, on=mode == "on", **SNAKEMAKE_THREADS)
         for cmd in commands:
