@@ -46,6 +46,7 @@ import re
 import struct
 import tarfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,10 @@ __all__ = [
     "from_model_range",
     "center_crop_resize",
     "load_source",
+    "source_pool",
+    "SourcePool",
+    "PixelImages",
+    "official_test_mask",
     "preprocess_image",
     "read_idx",
     "rgb_to_luma",
@@ -729,11 +734,50 @@ def load_pool(
     return out, labels
 
 
-def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
-    """The images of a data-set spec as its loader returns them, capped at ``max_images`` and not yet resized:
-    an in-memory uint8 array for array sources, a lazy :class:`LazyImages` for image folders (nothing is
-    read until indexed, so a 1.28M-image ImageNet costs only its file list). Returns ``(images, labels or
-    None, path read)``; :func:`preprocess_image` turns one item into what :func:`load_pool` would hold."""
+@dataclass
+class SourcePool:
+    """The images of a data-set spec as its loader returns them (not yet resized), with their labels, the path read
+    and, when the spec names a ``test_path``, where the official test images start (they follow the others)."""
+
+    images: Any
+    labels: np.ndarray | None
+    path: str | None
+    test_start: int | None = None
+
+    @property
+    def official_test(self) -> list[int] | None:
+        """``[start, stop)`` of the official test images in the pool, or None."""
+        return None if self.test_start is None else [self.test_start, len(self.images)]
+
+
+def _concat_images(a, b):
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.concatenate([a, b])
+    if isinstance(a, LazyImages) and isinstance(b, LazyImages):
+        return LazyImages(a.files + b.files, a.transform)
+    raise TypeError(f"cannot join {type(a).__name__} and {type(b).__name__} images")
+
+
+def _class_folders(source: str, path: str, loader_kwargs: dict) -> list[str] | None:
+    """The class folders whose sorted order gives a labelled folder source its labels (None for other sources)."""
+    if source == "imagenet":
+        split = loader_kwargs.get("split", "train")
+        path = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
+    elif source not in ("image_folder", "celeba"):
+        return None
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def source_pool(spec: dict) -> SourcePool:
+    """The images of a data-set spec, capped at ``max_images`` and not yet resized: an in-memory uint8 array for
+    array sources, a lazy :class:`LazyImages` for image folders (nothing is read until indexed, so a 1.28M-image
+    ImageNet costs only its file list).
+
+    ``test_path``: a second location of the same source holding the data set's official test images (ImageNet's
+    ``val``, LSUN's ``*_val`` export). They are appended after the ``max_images`` first images of ``path`` and marked
+    as official test images (:attr:`SourcePool.official_test`): the run's test set is drawn from them and training
+    never sees them (:func:`split_indices`' ``is_test``). Labelled folder sources must have the same class folders
+    in both places, or the labels would disagree."""
     source, path = spec["source"], spec.get("path")
     if source not in SOURCES:
         raise KeyError(f"unknown data source {source!r}; known: {sorted(SOURCES)}")
@@ -743,13 +787,71 @@ def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
         raise ValueError(f"source {source!r} needs a path (only fashion_mnist has a default)")
     max_images = spec.get("max_images")
     max_images = None if max_images is None else int(max_images)
-    images, labels = SOURCES[source](path, max_images=max_images, **dict(spec.get("loader_kwargs") or {}))
+    loader_kwargs = dict(spec.get("loader_kwargs") or {})
+    images, labels = SOURCES[source](path, max_images=max_images, **loader_kwargs)
     images, labels = _truncate(images, labels, max_images)
+    test_start = None
+    if spec.get("test_path"):
+        test_images, test_labels = SOURCES[source](spec["test_path"], **loader_kwargs)
+        if (labels is None) != (test_labels is None):
+            raise ValueError(f"{path} and test_path {spec['test_path']} disagree on labels (one has none)")
+        if labels is not None and source != "fixture":
+            ours, theirs = (_class_folders(source, p, loader_kwargs) for p in (path, spec["test_path"]))
+            if ours != theirs:
+                raise ValueError(f"{path} and test_path {spec['test_path']} have different class folders: "
+                                 "labels would disagree")
+        test_start = len(images)
+        images = _concat_images(images, test_images)
+        if labels is not None:
+            labels = np.concatenate([np.asarray(labels, dtype=np.int64), np.asarray(test_labels, dtype=np.int64)])
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    return images, labels, path
+    return SourcePool(images, labels, path, test_start)
+
+
+def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
+    """``(images, labels or None, path read)`` of :func:`source_pool`; :func:`preprocess_image` turns one item into
+    what :func:`load_pool` would hold."""
+    pool = source_pool(spec)
+    return pool.images, pool.labels, pool.path
+
+
+def official_test_mask(meta: dict, count: int) -> np.ndarray | None:
+    """The pool's official test images as a boolean mask (``meta["official_test"]`` = ``[start, stop)``, written by
+    :func:`prepare_dataset` and the latent cache when the data set has a ``test_path``), or None."""
+    span = meta.get("official_test")
+    if span is None:
+        return None
+    mask = np.zeros(int(count), dtype=bool)
+    mask[int(span[0]):int(span[1])] = True
+    return mask
+
+
+class PixelImages:
+    """The images of a data-set spec at its resolution and channels, read and cropped on access as
+    :func:`load_pool` does: ``images[idx]`` is uint8 ``(len(idx), C, R, R)``. For pools that never live in memory as
+    pixels (a latent data set's real images: the FID reference set of ImageNet 256 is 50k x 196 KB)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.pool = source_pool(spec)
+        self.resolution, self.channels = int(spec["resolution"]), int(spec["channels"])
+
+    def __len__(self) -> int:
+        return len(self.pool.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), self.channels, self.resolution, self.resolution)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.channels, self.resolution, self.resolution), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            out[k] = preprocess_image(self.pool.images[int(i)], self.resolution, self.channels)
+        return out
 
 
 def preprocess_image(image, resolution: int, channels: int) -> np.ndarray:
@@ -760,7 +862,7 @@ def preprocess_image(image, resolution: int, channels: int) -> np.ndarray:
     return _convert_array(np.asarray(image)[None], int(resolution), int(channels))[0]
 
 
-_SPEC_KEYS = ("source", "path", "resolution", "channels", "max_images", "loader_kwargs")
+_SPEC_KEYS = ("source", "path", "test_path", "resolution", "channels", "max_images", "loader_kwargs")
 
 
 def prepare_dataset(spec: dict, out_path: str) -> None:
@@ -769,8 +871,9 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     ``spec`` keys: ``source`` (a key of :data:`SOURCES`), ``path`` (optional for ``fashion_mnist``,
     default :data:`DEFAULT_FASHION_MNIST_PATH`), ``resolution``, ``channels`` (1 or 3), ``max_images``
     (optional: keep the first ``max_images`` images in file order, before any shuffling; the split is
-    drawn later from this capped pool) and ``loader_kwargs`` (optional dict for the loader). Other keys
-    are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has
+    drawn later from this capped pool), ``test_path`` (optional: the official test images, appended after the
+    others and marked as ``meta["official_test"]``, see :func:`source_pool`) and ``loader_kwargs`` (optional dict
+    for the loader). Other keys are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has
     none) and ``meta`` (a JSON string: source, path, resolution, channels, count, ...). It is written to
     a temporary file in the same directory and moved into place (:func:`diffbias.io.atomic_path`), so
     readers never see a partial file; it gets a normal file's mode, like every other output.
@@ -784,10 +887,17 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         path = resolve_fashion_mnist_path(path)  # the folder actually read goes into the meta
     max_images = spec.get("max_images")
     loader_kwargs = dict(spec.get("loader_kwargs") or {})
-    images, labels = load_pool(
-        source, path, resolution=int(spec["resolution"]), channels=int(spec["channels"]),
-        max_images=None if max_images is None else int(max_images), **loader_kwargs,
-    )
+    official_test = None
+    if spec.get("test_path"):  # the official test images follow the others (source_pool)
+        pool = source_pool({**spec, "path": path})
+        convert = _convert_array if isinstance(pool.images, np.ndarray) else _convert_pils
+        images = convert(pool.images, int(spec["resolution"]), int(spec["channels"]))
+        labels, official_test = pool.labels, pool.official_test
+    else:
+        images, labels = load_pool(
+            source, path, resolution=int(spec["resolution"]), channels=int(spec["channels"]),
+            max_images=None if max_images is None else int(max_images), **loader_kwargs,
+        )
     has_labels = labels is not None
     meta = {
         "format_version": PREPARED_FORMAT_VERSION,
@@ -802,6 +912,8 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         "num_classes": int(labels.max()) + 1 if has_labels and len(labels) else None,
         "resize": "ADM centre crop: BOX halving, BICUBIC, centre crop (PIL)",
     }
+    if official_test is not None:  # only then: pools without a test_path keep their bytes
+        meta.update(test_path=spec["test_path"], official_test=official_test)
     if not has_labels:
         labels = np.full(len(images), -1, dtype=np.int64)
     with atomic_path(out_path) as tmp:

@@ -54,7 +54,21 @@ META = "meta.json"
 PLAN = "plan.json"
 LATENT_DEFAULTS = {"posterior": "mean", "seed": 0, "hflip": False, "shard_size": DEFAULT_SHARD_SIZE}
 
-__all__ = ["encode_dataset", "LatentPool", "is_latent_cache", "latent_settings", "shard_ranges"]
+__all__ = ["encode_dataset", "LatentPool", "is_latent_cache", "latent_settings", "shard_ranges", "model_input"]
+
+
+def model_input(dataset: dict) -> tuple[int, int]:
+    """(channels, side) of what a model trained on this data-set spec sees: the autoencoder's latent grid for a data
+    set with ``latents`` (SD's VAE: 256x256 RGB -> 4 x 32 x 32), its pixels otherwise. Used wherever a model is built
+    or counted before training (DAG-time checks, counts, cost)."""
+    if not dataset.get("latents"):
+        return int(dataset["channels"]), int(dataset["resolution"])
+    from .autoencoder import autoencoder_geometry
+
+    channels, down = autoencoder_geometry(dataset["latents"]["autoencoder"])
+    if int(dataset["resolution"]) % down:
+        raise ValueError(f"resolution {dataset['resolution']} is not a multiple of the autoencoder's downsampling {down}")
+    return channels, int(dataset["resolution"]) // down
 
 
 def latent_settings(spec: dict) -> dict:
@@ -125,7 +139,8 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
     resolution = int(spec["resolution"])
     ae = autoencoder if autoencoder is not None else Autoencoder.load(lat["autoencoder"], device)
     latent_shape = ae.latent_shape(resolution)
-    images, labels, path_read = data_lib.load_source(spec)
+    source = data_lib.source_pool(spec)
+    images, labels, path_read = source.images, source.labels, source.path
     count = len(images)
     if count == 0:
         raise ValueError(f"data set at {path_read} holds no images")
@@ -198,6 +213,8 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
                    for k, (lo, hi) in enumerate(ranges)],
         "encoded_images_per_s": None if done == skipped else round((done - skipped) / (time.monotonic() - started), 2),
     }
+    if source.official_test is not None:  # the images of spec["test_path"], after the others (data.source_pool)
+        meta["official_test"] = source.official_test
     write_json(meta, out / META)  # last: its presence is what makes the cache complete
     return meta
 
@@ -268,6 +285,16 @@ class LatentPool:
 
     def __len__(self) -> int:
         return self.count
+
+    @property
+    def is_test(self) -> np.ndarray | None:
+        """The official test images (the data set's ``test_path``) as a mask over the pool, or None."""
+        return data_lib.official_test_mask(self.meta, self.count)
+
+    @property
+    def spec(self) -> dict:
+        """The data-set spec the cache was encoded from."""
+        return self.meta["spec"]
 
     @property
     def nbytes(self) -> int:

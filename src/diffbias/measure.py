@@ -53,7 +53,15 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
     shared = measurements.SHARED_INPUTS[name]
     cfg = section_settings(("evaluation", shared.config_key), json.loads(config) if isinstance(config, str) else config)
     set_threads(threads)
-    images, labels, _ = data_lib.load_prepared(data)
-    split = data_lib.run_split(len(images), {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size}})
+    from .latents import LatentPool, is_latent_cache
+
+    if is_latent_cache(data):  # a latent data set: its real images, read from the source the cache was encoded from
+        pool = LatentPool(data)
+        images, labels, is_test = data_lib.PixelImages(pool.spec), pool.labels, pool.is_test
+    else:
+        images, labels, meta = data_lib.load_prepared(data)
+        is_test = data_lib.official_test_mask(meta, len(images))
+    split = data_lib.run_split(len(images), {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size}},
+                               is_test)
     arrays = shared.build(images, labels, split, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)
     write_npz(out, **arrays)
