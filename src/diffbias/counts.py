@@ -11,15 +11,20 @@ def study_counts(study: dict):
     from .metrics.flops import count_flops, count_parameters, format_published, published_counts
     from .models import PRESETS, build_model
 
+    from .latents import model_input
+
     rows, ops = [], []
     ds = study["dataset_specs"][study["count_dataset"]]
+    channels, side = model_input(ds)  # a latent data set: the latent grid the models train on (4 x 32 x 32)
     for variant, v in study["variant_specs"].items():
-        model = build_model(v["backbone"], None, v["options"], input_size=ds["resolution"], in_channels=ds["channels"]).eval()
-        macs, table = count_flops(model, input_size=ds["resolution"], in_channels=ds["channels"])
+        classes = v.get("num_classes", 0)  # the label table of a class-conditional variant (no MACs, parameters)
+        model = build_model(v["backbone"], None, v["options"], input_size=side, in_channels=channels,
+                            num_classes=classes).eval()
+        macs, table = count_flops(model, input_size=side, in_channels=channels, num_classes=classes)
         ref = PRESETS[v["preset"]].reference if v.get("preset") in PRESETS else {}
         rows.append({"variant": variant, "label": study["labels"].get(variant, variant), "backbone": v["backbone"],
                      "preset": v.get("preset"), "params": count_parameters(model), "gmacs": macs / 1e9,
-                     "input": f"{ds['channels']}x{ds['resolution']}x{ds['resolution']}",
+                     "input": f"{channels}x{side}x{side}" + (" latents" if ds.get("latents") else ""),
                      "reference_params": ref.get("params"), "reference_gflops": ref.get("gflops"),
                      # every published count of the preset vs ours at its input, under its own convention
                      "published": format_published(published_counts(v["preset"], v["options"])) if v.get("preset") else ""})
