@@ -70,3 +70,25 @@ def test_cost_of_paper_004(capsys):
     total = summary.iloc[-1]
     # 400k steps x batch 64 of DiT-XS/1 (15.7 GMACs) and DiT-S/1 (31.5 GMACs): thousands of GPU-hours
     assert 1000 < total["train_gpu_h"] < 5000 and total["eval_gpu_h"] < total["train_gpu_h"]
+
+
+def test_wall_clock_hours_divide_a_training_by_its_gpus():
+    cfg = micro()
+    cfg["variants"]["dit"]["training"] = {"gpus_per_run": 4}
+    runs, _, _ = cost.gpu_hours(cfg, tflops=1e-3)
+    dit, local = runs[runs.variant == "dit"], runs[runs.variant == "dit_local"]
+    assert (dit.gpus == 4).all() and (local.gpus == 1).all()
+    assert dit.train_wall_h.tolist() == pytest.approx((dit.train / 4).tolist())
+    assert local.train_wall_h.tolist() == pytest.approx(local.train.tolist())
+    assert runs.wall_h.tolist() == pytest.approx((runs.train_wall_h + runs.evaluation).tolist())
+    table = cost.format_wall_clock(runs)
+    assert table.startswith("Wall-clock hours per run") and "| dit " in table and "train_wall_h" in table
+
+
+def test_latent_runs_are_priced_at_the_latent_grid(monkeypatch):
+    cfg = micro()
+    cfg["datasets"]["fmnist8"] = dict(cfg["datasets"]["fmnist8"], channels=3, resolution=64, latents={"autoencoder": "vae"})
+    shapes = []
+    monkeypatch.setattr(cost, "forward_gmacs", lambda backbone, options, c, side, classes: shapes.append((c, side)) or 1.0)
+    cost.run_costs(cfg)
+    assert set(shapes) == {(4, 8)}  # SD's VAE: 64x64 RGB -> 4 x 8 x 8
