@@ -69,6 +69,21 @@ def test_n_too_large_for_pool(default):
     assert err.key == "studies.locality.N" and "69500" in str(err)
 
 
+@pytest.mark.parametrize("field,value", [("variants", ["dit", "dit_local_head", "dit"]), ("N", [10, 50, 10]),
+                                         ("seeds", [0, 1, 0]), ("datasets", ["fmnist16", "fmnist16"])])
+def test_a_study_list_with_a_repeated_entry_is_rejected(default, field, value):
+    """The same variant, N, seed or data set listed twice in a study is a slip (its runs would be counted twice
+    in the study's tables): rejected, naming the list."""
+    study = default["studies"]["locality"]
+    if field == "datasets":
+        del study["dataset"]
+    study[field] = value
+    err = _error(default)
+    assert err.key == f"studies.locality.{field}" and "non-unique" in str(err)
+    study[field] = list(dict.fromkeys(value))  # each once: accepted
+    validate_config(default)
+
+
 def test_unknown_key_and_wrong_type(default):
     default["training"]["stepz"] = 3
     assert _error(default).key == "training"

@@ -1,5 +1,7 @@
-"""``python -m diffbias cost``: GPU-hours of a config from FLOP counts and a throughput (issue 14, goal 6)."""
+"""``python -m diffbias cost``: GPU-hours of a config from FLOP counts and a throughput, before anything runs;
+the paper configs' big models are counted on the meta device, in seconds, at their published sizes."""
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +11,7 @@ import yaml
 from diffbias import cost
 from diffbias.cli import main
 from diffbias.config import all_runs, load_config, validate_config
+from diffbias.latents import model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +61,51 @@ def test_cost_command_on_the_default_config(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "12 distinct runs" in out and "| locality" in out and "124.8 TFLOP/s" in out
     assert len(pd.read_parquet(tmp_path / "cost.parquet")) == 12
+
+
+# Forward GMACs per image that the paper configs' models must be counted at (3x32x32 inputs): our counts of the
+# published models (README "Parameter and FLOP counts"; the DiT-XS/1, DiT-S/1 pair is tests/test_flops.py's).
+PAPER_GMACS = {
+    "UViT-S/2": 12.220400128, "UViT-S/2-GMM": 12.261347944,  # paper-000, CIFAR-10
+    "DiT-XS/1": 15.738791088, "DiT-S/1": 31.460969472, "UNet-004": 9.486446592,  # paper-004
+}
+# Published GFLOPs (at 4x32x32 latents; our 3-channel pixel inputs differ by < 0.02%), relative tolerance.
+PUBLISHED_GFLOPS = {"DiT-XL/2": (118.64, 1e-3), "DiMR-XL/2R": (160, 2e-3), "DiffuSSM-XL": (305.80, 1e-3)}
+
+
+def test_cost_of_every_paper_config(capsys):
+    """Every paper config's cost in seconds (its models counted on the meta device; counting DiffuSSM-XL's
+    forward on real tensors took over 10 minutes), one row per study plus the total, and the models counted at
+    their published sizes."""
+    seconds = {}
+    for n in (0, 2, 3, 4):
+        path = ROOT / f"workflow/configs/paper-00{n}.yaml"
+        cfg = load_config(path)
+        cost.forward_gmacs.cache_clear()  # each config counts its own models
+        start = time.perf_counter()
+        if n == 3:  # through the command line once
+            main(["cost", "--configfile", str(path)])
+            out = capsys.readouterr().out
+            assert "paper-003.yaml: 10 distinct runs" in out and "Wall-clock hours per run" in out
+            assert all(f"| {study} " in out for study in cfg["studies"])
+        runs, summary, note = cost.gpu_hours(cfg)
+        seconds[n] = time.perf_counter() - start
+        assert list(summary["study"]) == sorted(cfg["studies"]) + ["total (distinct runs)"]
+        assert len(runs) == len(all_runs(cfg)) and (runs["gmacs"] > 0).all()
+        assert (summary["train_gpu_h"] > 0).all() and (summary["eval_gpu_h"] > 0).all()
+        assert summary.iloc[-1]["total_gpu_h"] == pytest.approx(runs["total"].sum())
+        by_preset = runs.groupby(["preset", "variant", "dataset"])["gmacs"].first()
+        for (preset, variant, dataset), gmacs in by_preset.items():
+            options = cfg["variants"][variant].get("options")
+            if model_input(cfg["datasets"][dataset])[1] != 32:  # paper-003's 512 block: 64x64x4 latents
+                continue
+            if preset in PAPER_GMACS and not options:
+                assert gmacs == pytest.approx(PAPER_GMACS[preset], abs=1e-9), (n, variant, gmacs)
+            if preset in PUBLISHED_GFLOPS and not options:
+                published, tolerance = PUBLISHED_GFLOPS[preset]
+                assert gmacs == pytest.approx(published, rel=tolerance), (n, variant, gmacs)
+    print("cost seconds per paper config:", {k: round(v, 1) for k, v in seconds.items()})
+    assert seconds[3] < 60, seconds  # about 10 s on 2 shared cores
 
 
 @pytest.mark.slow

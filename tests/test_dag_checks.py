@@ -1,10 +1,13 @@
-"""Issue 14, goals 1, 2 and 7: what the DAG build rejects before any job, and where Fashion-MNIST is found.
+"""What the DAG build rejects before any job, and where Fashion-MNIST is found.
 
 - every model a config names is built on the meta device with its resolved options at its data shape;
-- every data set a study uses is checked on disk (layout of its source, pool size against N + test_size);
+- every data set whose preparation Snakemake will schedule is checked on disk (layout of its source, pixel
+  dtype, pool size against N + test_size); a pool already prepared from the same config entry is not;
 - the Fashion-MNIST folder rule for users without root (Debian folder, $DIFFBIAS_FASHION_MNIST,
   .cache/fashion-mnist) and the data step of scripts/setup.sh, run with a fake environment.
 """
+
+import json
 
 import copy
 import gzip
@@ -35,7 +38,7 @@ def _error(fn, *args) -> ConfigError:
     return info.value
 
 
-# ---------------------------------------------------------------- goal 1: models built at DAG time
+# ---------------------------------------------------------------- models built at DAG time
 
 
 def test_unknown_model_option_is_rejected_with_the_models_message(default):
@@ -85,7 +88,7 @@ def test_every_preset_builds_on_meta_without_weights():
         assert all(p.is_meta for p in model.parameters()), name
 
 
-# ---------------------------------------------------------------- goal 2: data sets on disk
+# ---------------------------------------------------------------- data sets on disk
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:
@@ -131,11 +134,69 @@ def test_npz_layout_count_and_pool_size(tmp_path):
     assert err.key == "datasets.pool.path" and "no image array" in str(err)
 
 
-def test_prepared_pool_and_unused_datasets_are_not_checked(tmp_path):
-    cfg = npz_config(tmp_path / "nowhere.npz")
-    (tmp_path / "prepared").mkdir()
-    (tmp_path / "prepared" / "pool.npz").write_bytes(b"")
-    check_datasets(cfg, prepared_dir=tmp_path / "prepared")  # a prepared pool needs no source
+def test_npz_pixel_dtype_is_checked_from_the_header(tmp_path):
+    """Float pixels fail at the DAG build, not when prepare_data runs; integer and bool pixels pass (an
+    integer range outside 0..255 is found when the pool is loaded)."""
+    for dtype in ("float32", "float64", "float16"):
+        path = tmp_path / f"{dtype}.npz"
+        np.savez(path, images=np.zeros((6, 8, 8), dtype))
+        err = _error(check_datasets, npz_config(path))
+        assert err.key == "datasets.pool.path" and f"dtype {dtype}" in str(err) and str(path) in str(err)
+    for dtype in ("uint8", "int16", "int64", "bool"):
+        np.savez(tmp_path / f"{dtype}.npz", images=np.zeros((6, 8, 8), dtype))
+        check_datasets(npz_config(tmp_path / f"{dtype}.npz"))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int8", "int32", "int64", "bool", "float16", "float32",
+                                   "float64", "complex64"])
+def test_npz_dtype_check_accepts_what_the_loader_accepts(tmp_path, dtype):
+    path = tmp_path / "pool.npz"
+    np.savez(path, images=np.zeros((6, 8, 8), dtype))
+    try:
+        data._as_uint8(np.zeros(3, dtype), "pixels")
+        loads = True
+    except TypeError:
+        loads = False
+    try:
+        data.check_source("npz", str(path))
+        checks = True
+    except ValueError:
+        checks = False
+    assert checks == loads, dtype
+
+
+def _prepare_like_the_rule(cfg: dict, key: str, prepared: Path) -> None:
+    """What rule prepare_data does: the config entry, as sorted-key JSON, to ``prepare-data --spec``."""
+    prepared.mkdir(exist_ok=True)
+    data.prepare_dataset(json.loads(json.dumps(cfg["datasets"][key], sort_keys=True)), str(prepared / f"{key}.npz"))
+
+
+def test_prepared_pool_is_not_checked_only_while_its_config_entry_is_unchanged(tmp_path):
+    """A prepared pool stands in for its source only while the config entry it was prepared from is the current
+    one; after an edit Snakemake prepares it again (its params changed), so the source is checked first."""
+    source, prepared = tmp_path / "pool.npz", tmp_path / "prepared"
+    np.savez(source, images=np.zeros((6, 8, 8), np.uint8))
+    cfg = npz_config(source)
+    _prepare_like_the_rule(cfg, "pool", prepared)
+    assert data.load_prepared(str(prepared / "pool.npz"))[2]["config_entry"] == cfg["datasets"]["pool"]
+    source.unlink()
+    check_datasets(cfg, prepared_dir=prepared)  # prepared from this very entry: no job reads the source
+
+    moved = npz_config(tmp_path / "moved" / "pool.npz")  # the path edited to a folder that does not exist
+    err = _error(check_datasets, moved, prepared)
+    assert err.key == "datasets.pool.path" and "does not exist" in str(err)
+    capped = npz_config(source, max_images=5)  # any other edit of the entry too
+    assert _error(check_datasets, capped, prepared).key == "datasets.pool.path"
+
+    # a pool without the record (prepared before it was kept) or unreadable: its source is checked
+    np.savez(prepared / "pool.npz", images=np.zeros((6, 1, 8, 8), np.uint8), labels=np.zeros(6, np.int64),
+             meta=np.array(json.dumps({"source": "npz", "path": str(source)})))
+    assert _error(check_datasets, cfg, prepared).key == "datasets.pool.path"
+    (prepared / "pool.npz").write_bytes(b"")
+    assert _error(check_datasets, cfg, prepared).key == "datasets.pool.path"
+
+
+def test_unused_datasets_are_not_checked(tmp_path):
     cfg = npz_config(tmp_path / "nowhere.npz")
     cfg["datasets"]["unused"] = dict(cfg["datasets"]["pool"], path=str(tmp_path / "also-nowhere"))
     np.savez(tmp_path / "nowhere.npz", images=np.zeros((6, 8, 8), np.uint8))

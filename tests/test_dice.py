@@ -297,7 +297,7 @@ def test_flop_handle_counts_signal_function():
 
 
 def _dice_closed_form_params(width=1152, mults=(1, 2, 3), depths=(6, 2, 1), cond=1152, C=4, classes=1000, hands=True):
-    """The arithmetic of issue 13: per block 2 hands (49C + C each) + C lambda, affine LN 2C, C->2C->C linears,
+    """DICE-XL's parameters in closed form: per block 2 hands (49C + C each) + C lambda, affine LN 2C, C->2C->C linears,
     GRN 4C, layer scale C, adaLN Linear(cond, 3C); per stage a 1x1 stem C_in->D and head D->2C_in;
     t-embedder 256->cond->cond and a (classes+1) x cond table."""
     total = (256 * cond + cond) + (cond * cond + cond) + (classes + 1) * cond

@@ -248,3 +248,20 @@ def test_fid_against_a_reference_statistics_file_equals_the_image_path(built, im
     from_file = fid.fid_from_statistics(fa, tmp_path / "ref.npz")
     assert from_file == pytest.approx(harness_result["fid"], rel=1e-6)  # torch-fidelity end to end on the images
     assert from_file == pytest.approx(fid.metrics_from_features(fa, fb, kid=False, prc=False)["fid"], rel=1e-6)
+
+
+@pytest.mark.parametrize("n1, n2", [(4, 8), (8, 4), (64, 300), (40, 40)])
+def test_frechet_distance_is_torch_fidelitys_fid(n1, n2):
+    """The low-rank form (fewer images than features) gives torch-fidelity's FID to float32 rounding, and with more
+    images than features in both sets it is torch-fidelity's own computation."""
+    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(n1 * 1000 + n2)
+    dim = 32 if n1 == n2 == 40 else 256  # 40 images of 32 features: torch-fidelity's own path
+    basis = rng.normal(size=(16, dim))
+    f1 = torch.from_numpy((np.abs(rng.normal(size=(n1, 16)) @ basis) / 4).astype(np.float32))
+    f2 = torch.from_numpy((np.abs(rng.normal(size=(n2, 16)) @ basis + 0.5) / 4).astype(np.float32))
+    expected = fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), False)
+    assert fid.frechet_distance(f1, f2) == pytest.approx(expected[torch_fidelity.KEY_METRIC_FID], rel=1e-5)
+    assert fid.frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-3)

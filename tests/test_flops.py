@@ -1,4 +1,5 @@
-"""FLOP and parameter counting: fvcore conventions, attention handles, DiT anchors (anchors.md)."""
+"""FLOP and parameter counting: fvcore conventions, attention handles, the DiT paper's table-4 counts, and
+counting on the meta device (no arithmetic) giving exactly the counts of a trace on real tensors."""
 
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def test_local_attention_closed_form():
 
 
 def test_shape_only_trace_counts_like_a_real_trace():
-    """The default shape-only mode skips the heavy arithmetic but records the same graph."""
+    """The default count (on the meta device, no arithmetic) records the graph of a real trace, also with local
+    attention windows and the UNet's optional blocks."""
     cases = [
         ("dit", "DiT-T/1", {"attention": "3,G,5,G,7,G"}, 10),
         ("unet", "UNet-T", {}, 0),
@@ -162,6 +164,78 @@ def test_shape_only_trace_counts_like_a_real_trace():
         assert a == b and dfa.equals(dfb), preset
         assert dfa.attrs["by_module_type"] == dfb.attrs["by_module_type"]
         assert dfa.attrs["skipped_ops"] == dfb.attrs["skipped_ops"]
+
+
+def _tiny_presets() -> list[str]:
+    from diffbias.models import BACKBONES
+
+    names = sorted(name for name, p in PRESETS.items() if p.tiny)
+    # every backbone has a tiny preset (model contract): none escapes the comparison below
+    assert {PRESETS[n].backbone for n in names} == set(BACKBONES), "a backbone without a tiny preset"
+    return names
+
+
+@pytest.mark.parametrize("preset", _tiny_presets())
+def test_meta_count_equals_the_real_count(preset):
+    """The default count traces on the meta device (no arithmetic); a trace on real tensors gives the same
+    MACs, operators, module types and skipped operators, under both fvcore conventions and torchinfo's. The
+    model's own weights are swapped out only during the count and come back untouched."""
+    from diffbias.metrics.flops import count_mult_adds
+
+    nc = 10
+    model = build_model(preset=preset, input_size=16, in_channels=1, num_classes=nc)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    kw = dict(input_size=16, in_channels=1, num_classes=nc, batch_size=2)
+    for convention in ("diffbias", "fvcore-as-shipped"):
+        a, dfa = count_flops(model, convention=convention, **kw)
+        b, dfb = count_flops(model, convention=convention, shape_only=False, **kw)
+        assert (dfa.attrs["counted_on"], dfb.attrs["counted_on"]) == ("meta", "real"), preset
+        assert a == b and dfa.equals(dfb), (preset, convention, a, b)
+        assert dfa.attrs["by_module_type"] == dfb.attrs["by_module_type"], preset
+        assert dfa.attrs["skipped_ops"] == dfb.attrs["skipped_ops"], preset
+    assert count_mult_adds(model, **kw) == count_mult_adds(model, shape_only=False, **kw), preset
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for name, value in after.items():
+        assert not value.is_meta and torch.equal(value, before[name]), (preset, name)
+
+
+def test_a_model_left_on_meta_is_counted_there():
+    """``build_for_counting(materialize=False)`` (what ``diffbias cost`` uses): nothing is allocated, before or
+    after the count, and the count is the one of a normally built model."""
+    from diffbias.metrics.flops import count_mult_adds
+
+    kw = dict(input_size=16, in_channels=1, num_classes=10)
+    meta = build_for_counting(preset="UNet-T", materialize=False, **kw)
+    assert all(p.is_meta for p in meta.parameters())
+    macs, df = count_flops(meta, **kw)
+    assert df.attrs["counted_on"] == "meta" and all(p.is_meta for p in meta.parameters())
+    real = build_model(preset="UNet-T", **kw)
+    assert macs == count_flops(real, shape_only=False, **kw)[0]
+    assert count_mult_adds(meta, **kw) == count_mult_adds(real, shape_only=False, **kw)
+
+
+def test_a_value_read_during_the_forward_falls_back_to_real_tensors():
+    """A forward that reads a tensor's value (here .item()) cannot run on meta tensors: the count falls back
+    to CPU tensors (heavy kernels still skipped) and is the same as a real trace."""
+
+    class ReadsAValue(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            scale = float(t.float().mean().item() >= 0)  # a value read out of a tensor
+            return self.lin(x.permute(0, 2, 3, 1)) * scale
+
+    model = ReadsAValue()
+    a, dfa = count_flops(model, input_size=4, in_channels=8)
+    b, dfb = count_flops(model, input_size=4, in_channels=8, shape_only=False)
+    assert dfa.attrs["counted_on"] == "shape-only" and dfb.attrs["counted_on"] == "real"
+    assert a == b == 16 * 8 * 8 and dfa.equals(dfb)
+    meta = build_for_counting(preset="DiT-T/2", materialize=False, input_size=16, in_channels=1, num_classes=10)
+    assert count_flops(meta, input_size=16, in_channels=1, num_classes=10, shape_only=False)[0] == 22_458_624
+    assert not any(p.is_meta for p in meta.parameters())  # counting for real materialises a meta model
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_jacobian_analysis_and_plots(tmp_path):
     plt.close("all")
 
 
-# ---------------------------------------------------------------- matrix-free top-k (issue 14, goal 5)
+# ---------------------------------------------------------------- matrix-free top-k (no D x D Jacobian built)
 
 
 def test_block_lanczos_finds_top_eigenpairs_of_an_explicit_matrix():

@@ -41,6 +41,15 @@ def micro() -> dict:
     return yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
 
 
+def test_registry_order_is_builtin_order_whatever_the_import_order():
+    code = ("import importlib; [importlib.import_module(f'diffbias.measurements.{n}') for n in "
+            "sorted(['psnr', 'attention', 'jacobian', 'fid', 'gmm_masks', 'fid_curve', 'freeu'])]; "
+            "from diffbias import measurements; print(','.join(measurements.load()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert out.stdout.strip().split(",")[: len(measurements.BUILTIN)] == list(measurements.BUILTIN)
+
+
 def test_builtins_are_one_module_each_and_fully_declared():
     registry = measurements.load()
     assert list(registry)[: len(measurements.BUILTIN)] == list(measurements.BUILTIN)

@@ -42,7 +42,9 @@ def pip_section(env_file: Path) -> list[str]:
 
 def test_requirements_pin_torch_and_torchvision_as_a_pair():
     pins = requirement_pins()
-    assert "torch" in pins and "torchvision" in pins  # never one of them alone (shared/notes/offline-environment.md)
+    # torchvision's compiled operators are built against one torch release: pinning one without the other lets
+    # pip pair it with a torch it was not built for (or replace the pinned torch to satisfy torchvision)
+    assert "torch" in pins and "torchvision" in pins
 
 
 def test_environment_yml_installs_requirements_txt():

@@ -1,4 +1,4 @@
-"""scripts/setup_fashion_mnist.sh without root (issue 14, goal 7), run with a fake environment.
+"""scripts/setup_fashion_mnist.sh for a user without root or sudo, run with a fake environment.
 
 Fake ``id``, ``sudo`` and ``apt-get`` on PATH and a fake Python for torchvision's download: nothing is
 installed or downloaded and the Debian package is never touched.

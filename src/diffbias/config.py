@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .paths import REPO_ROOT  # re-exported: config.REPO_ROOT is used by callers
+
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 # Pool sizes known without touching the data, so "N too large" fails before any job starts.
@@ -340,10 +341,12 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     see :func:`diffbias.data.check_source`), and, where the files say how many images they hold, the
     count equals a configured ``pool_size`` and the pool (capped by ``max_images``) holds every study's
     largest N plus ``test_size`` (with a ``test_path``: N at ``path``, ``test_size`` at ``test_path``). A data set
-    whose prepared pool ``<prepared_dir>/<key>.npz`` (or latent cache ``<prepared_dir>/../latents/<key>/meta.json``)
-    already exists is skipped (no job reads its source). A latent data set's autoencoder folder must hold an
-    AutoencoderKL, and files that measurement settings name (FID's reference statistics) must exist. Raises
-    ConfigError naming the key (``datasets.<key>.path``, ...).
+    is skipped only when its prepared pool ``<prepared_dir>/<key>.npz`` (a latent data set: its latent cache
+    ``<prepared_dir>/../latents/<key>/meta.json``) exists and was made from exactly its current config entry
+    (recorded in the pool's or cache's metadata): then no job reads its source. After any edit of the entry Snakemake
+    schedules ``prepare_data`` (``encode_latents``) again (its params are the entry), so the source is checked. A
+    latent data set's autoencoder folder must hold an AutoencoderKL, and files that measurement settings name (FID's
+    reference statistics) must exist. Raises ConfigError naming the key (``datasets.<key>.path``, ...).
     Needs the files: on a cluster, run Snakemake where the data are mounted (the login node); set
     ``DIFFBIAS_SKIP_DATA_CHECK=1`` to build a DAG elsewhere (e.g. a dry run of a paper config on a laptop).
     """
@@ -362,9 +365,9 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
         if ds.get("latents"):
             _check_autoencoder(config, key)
         if prepared_dir is not None:  # <results_dir>/data; latent caches live beside it, in <results_dir>/latents
-            done = (Path(prepared_dir).parent / "latents" / key / "meta.json" if ds.get("latents")
-                    else Path(prepared_dir) / f"{key}.npz")
-            if done.exists():
+            done = (_encoded_from(Path(prepared_dir).parent / "latents" / key / "meta.json", ds) if ds.get("latents")
+                    else _prepared_from(Path(prepared_dir) / f"{key}.npz", ds))
+            if done:
                 continue  # no job reads its source
         where = f"datasets.{key}.path"
         shown = ds.get("path") or f"<default {ds['source']} location>"
@@ -424,6 +427,33 @@ def model_input(dataset: dict) -> tuple[int, int]:
     from .latents import model_input as model_input_of
 
     return model_input_of(dataset)
+
+
+def _encoded_from(meta: Path, entry: dict) -> bool:
+    """Whether the complete latent cache whose ``meta.json`` is ``meta`` was encoded from exactly ``entry`` (its
+    ``spec``, the ``encode_latents`` rule's params): then Snakemake will not encode it again."""
+    try:
+        recorded = json.loads(meta.read_text())["spec"]
+    except Exception:  # noqa: BLE001 - no cache, or none readable: check the source
+        return False
+    return json.dumps(recorded, sort_keys=True) == json.dumps(entry, sort_keys=True, default=str)
+
+
+def _prepared_from(path: Path, entry: dict) -> bool:
+    """Whether the prepared pool at ``path`` exists and records ``entry`` as the config entry it was prepared
+    from (``data.prepare_dataset`` writes it into the pool's metadata). Compared as the ``prepare_data`` rule's
+    params are (sorted-key JSON), so this is true exactly when Snakemake will not prepare it again. A missing
+    file, a pool without the record (an older one) or one that cannot be read: False (check the source)."""
+    import numpy as np
+
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            recorded = json.loads(str(d["meta"]))["config_entry"]
+    except Exception:  # noqa: BLE001 - no readable record: check the source
+        return False
+    return json.dumps(recorded, sort_keys=True) == json.dumps(entry, sort_keys=True, default=str)
 
 
 def pool_size(dataset: dict) -> int | None:

@@ -8,8 +8,8 @@ def study_counts(study: dict):
     """(one row per variant, the per-operator breakdown) for a study description (diffbias.plan.study_description)."""
     import pandas as pd
 
-    from .metrics.flops import count_flops, count_parameters, format_published, published_counts
-    from .models import PRESETS, build_model
+    from .metrics.flops import build_for_counting, count_flops, count_parameters, format_published, published_counts
+    from .models import PRESETS
 
     from .latents import model_input
 
@@ -18,8 +18,8 @@ def study_counts(study: dict):
     channels, side = model_input(ds)  # a latent data set: the latent grid the models train on (4 x 32 x 32)
     for variant, v in study["variant_specs"].items():
         classes = v.get("num_classes", 0)  # the label table of a class-conditional variant (no MACs, parameters)
-        model = build_model(v["backbone"], None, v["options"], input_size=side, in_channels=channels,
-                            num_classes=classes).eval()
+        model = build_for_counting(v["backbone"], None, v["options"], input_size=side, in_channels=channels,
+                                   num_classes=classes, materialize=False).eval()  # counted on the meta device
         macs, table = count_flops(model, input_size=side, in_channels=channels, num_classes=classes)
         ref = PRESETS[v["preset"]].reference if v.get("preset") in PRESETS else {}
         rows.append({"variant": variant, "label": study["labels"].get(variant, variant), "backbone": v["backbone"],

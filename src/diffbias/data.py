@@ -554,13 +554,13 @@ def _idx_count(path: str) -> int:
     return struct.unpack(">i", head[4:8])[0]
 
 
-def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Array shapes of an .npz from the .npy headers of its members (no data read)."""
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array of an .npz, from the .npy headers of its members (no data read)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            shapes = {}
+            headers = {}
             for name in z.namelist():
                 if not name.endswith(".npy"):
                     continue
@@ -568,11 +568,21 @@ def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
                     version = np.lib.format.read_magic(f)
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
-                    shape, _, _ = read_header(f)
-                shapes[name[:-4]] = tuple(shape)
-            return shapes
+                    shape, _, dtype = read_header(f)
+                headers[name[:-4]] = (tuple(shape), np.dtype(dtype))
+            return headers
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable .npz ({exc})") from None
+
+
+def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an .npz from the .npy headers of its members (no data read)."""
+    return {name: shape for name, (shape, _) in _npz_headers(path).items()}
+
+
+def _pixel_dtype_ok(dtype: np.dtype) -> bool:
+    """The pixel dtypes :func:`_as_uint8` accepts: any integer (its range is checked when loading) or bool."""
+    return dtype == np.bool_ or np.issubdtype(dtype, np.integer)
 
 
 def _first_image(root: str) -> str | None:
@@ -639,13 +649,17 @@ def check_source(source: str, path: str | None, **loader_kwargs) -> int | None:
     if source == "npz":
         if not os.path.isfile(path):
             raise ValueError(f"{path} is not an .npz file")
-        shapes = _npz_shapes(path)
-        key = next((k for k in _NPZ_IMAGE_KEYS if k in shapes), None)
+        headers = _npz_headers(path)
+        key = next((k for k in _NPZ_IMAGE_KEYS if k in headers), None)
         if key is None:
-            raise ValueError(f"{path}: no image array under any of {_NPZ_IMAGE_KEYS} (arrays: {sorted(shapes)})")
-        if len(shapes[key]) not in (3, 4):
-            raise ValueError(f"{path}: image array must be 3-D or 4-D, got shape {shapes[key]}")
-        return shapes[key][0]
+            raise ValueError(f"{path}: no image array under any of {_NPZ_IMAGE_KEYS} (arrays: {sorted(headers)})")
+        shape, dtype = headers[key]
+        if len(shape) not in (3, 4):
+            raise ValueError(f"{path}: image array must be 3-D or 4-D, got shape {shape}")
+        if not _pixel_dtype_ok(dtype):  # the loader would reject it only when prepare_data runs
+            raise ValueError(f"{path}: image array {key!r} has dtype {dtype}; pixels must be integers in 0..255 "
+                             f"(uint8, or another integer type) or bool")
+        return shape[0]
     # image folders: celeba, lsun, image_folder
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a folder of images (source {source!r})")
@@ -873,8 +887,10 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     (optional: keep the first ``max_images`` images in file order, before any shuffling; the split is
     drawn later from this capped pool), ``test_path`` (optional: the official test images, appended after the
     others and marked as ``meta["official_test"]``, see :func:`source_pool`) and ``loader_kwargs`` (optional dict
-    for the loader). Other keys are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has
-    none) and ``meta`` (a JSON string: source, path, resolution, channels, count, ...). It is written to
+    for the loader). Other keys are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when
+    the source has none) and ``meta`` (a JSON string: source, path, resolution, channels, count, ..., and
+    ``config_entry``, ``spec`` itself: the DAG build skips checking the source of a pool prepared from exactly the
+    config entry it would prepare it from again, :func:`diffbias.config.check_datasets`). It is written to
     a temporary file in the same directory and moved into place (:func:`diffbias.io.atomic_path`), so
     readers never see a partial file; it gets a normal file's mode, like every other output.
     """
@@ -911,6 +927,7 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         "has_labels": has_labels,
         "num_classes": int(labels.max()) + 1 if has_labels and len(labels) else None,
         "resize": "ADM centre crop: BOX halving, BICUBIC, centre crop (PIL)",
+        "config_entry": json.loads(json.dumps(spec, default=str)),  # as the rule passed it (JSON)
     }
     if official_test is not None:  # only then: pools without a test_path keep their bytes
         meta.update(test_path=spec["test_path"], official_test=official_test)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from .config import REPO_ROOT
+from .paths import REPO_ROOT  # not from .config: config -> data -> io must not lead back to config
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -24,7 +24,7 @@ except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 # Rules run the library from this checkout in whatever environment runs the job (venv, conda, SLURM node).
-shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; export DIFFBIAS_WORKER=${{{{DIFFBIAS_WORKER:-on}}}}; ")
 
 R = CFG["results_dir"]
 REPORTS = CFG["reports_dir"]

@@ -176,6 +176,13 @@ def load(spec: str | None = None) -> dict[str, Measurement]:
     for name in (s.strip() for s in spec.split(",")):
         if name:
             importlib.import_module(name)
+    # registry order is report order, whatever order the modules were imported in (a worker imports them all)
+    order = {name: i for i, name in enumerate(BUILTIN)}
+    ordered = sorted(MEASUREMENTS, key=lambda name: order.get(name, len(order)))
+    if list(MEASUREMENTS) != ordered:
+        entries = {name: MEASUREMENTS[name] for name in ordered}
+        MEASUREMENTS.clear()
+        MEASUREMENTS.update(entries)
     return MEASUREMENTS
 
 

@@ -10,6 +10,7 @@ it does only when the weights carry a finite classifier.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import pathlib
@@ -208,6 +209,16 @@ def save_image_folder(images_uint8: Any, folder: str | os.PathLike) -> None:
 # their own DAG node and shared by every variant's FID job; the metrics are torch-fidelity's own functions.
 
 
+@functools.lru_cache(maxsize=4)
+def _feature_extractor(weights: str, device: str):
+    """torch-fidelity's Inception feature extractor, built once per process and device: a job that scores many
+    sample sets (a FreeU grid, an FID curve) loads the weights once."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    return create_feature_extractor(FEATURE_EXTRACTOR, [FEATURE_LAYER], cuda=device.startswith("cuda"),
+                                    feature_extractor_weights_path=weights, verbose=False)
+
+
 def inception_features(
     images_uint8: Any,
     *,
@@ -217,7 +228,7 @@ def inception_features(
     cpu_threads: int | None = None,
 ) -> torch.Tensor:
     """(n, 2048) float32 pool features of uint8 (N,C,H,W) images, exactly as compute_image_metrics sees them."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     x = _as_uint8_nchw(images_uint8, "images_uint8")
     weights = resolve_weights(weights_path)
@@ -225,9 +236,7 @@ def inception_features(
     cuda = dev.type == "cuda"
     ctx = torch.cuda.device(dev) if cuda and dev.index is not None else contextlib.nullcontext()
     with ctx, limit_cpu_threads(cpu_threads):
-        extractor = create_feature_extractor(
-            FEATURE_EXTRACTOR, [FEATURE_LAYER], cuda=cuda, feature_extractor_weights_path=str(weights), verbose=False
-        )
+        extractor = _feature_extractor(str(weights), str(dev))
         feats = get_featuresdict_from_dataset(
             _UInt8ImageDataset(x), extractor, batch_size=int(batch_size), cuda=cuda, save_cpu_ram=True, verbose=False
         )
@@ -238,6 +247,31 @@ def kid_subset_size_for(n: int, m: int) -> int:
     """KID subsets half the smaller set (at most 1000, torch-fidelity's default): with subsets as large as
     the sets, every subset is the whole set and the std over subsets is ~0, i.e. meaningless."""
     return max(2, min(1000, min(n, m) // 2))
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """FID between two feature sets exactly as torch-fidelity defines it: ||mu1 - mu2||^2 + tr S1 + tr S2 -
+    2 tr sqrt(S1 S2), with torch-fidelity's own statistics (``np.cov``).
+
+    torch-fidelity takes tr sqrt(S1 S2) from the eigenvalues of the general 2048 x 2048 matrix S1 S2 (about 10 s on
+    one CPU core). When one set has n <= 2048 images, S1 S2 has rank < n and its non-zero eigenvalues are those of
+    the n x n symmetric matrix A S2 A^T / (n - 1), A being that set's centred features: the same trace, from an
+    n x n eigendecomposition. Every FID of a few hundred samples takes this path; with more images than features in
+    both sets, torch-fidelity's own function is used."""
+    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    s1, s2 = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+    if min(len(f1), len(f2)) - 1 >= f1.shape[1]:
+        return float(fid_statistics_to_metric(s1, s2, False)[torch_fidelity.KEY_METRIC_FID])
+    small, other = (f1, s2) if len(f1) <= len(f2) else (f2, s1)
+    x = small.numpy().astype(np.float64)
+    a = x - x.mean(axis=0)
+    m = a @ other["sigma"] @ a.T / (len(x) - 1)
+    eigenvalues = np.linalg.eigvalsh((m + m.T) / 2)  # PSD up to rounding: negative rounding noise counts 0, as there
+    tr_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+    diff = s1["mu"] - s2["mu"]
+    return float(diff.dot(diff) + np.trace(s1["sigma"]) + np.trace(s2["sigma"]) - 2 * tr_covmean)
 
 
 def metrics_from_features(
@@ -271,8 +305,7 @@ def metrics_from_features(
             "prc_neighborhood": prc_k, "save_cpu_ram": True}
     with limit_cpu_threads(cpu_threads):
         out: dict[str, Any] = {
-            "fid": float(fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2),
-                                                  False)[torch_fidelity.KEY_METRIC_FID]),
+            "fid": frechet_distance(f1, f2),
             "kid_mean": None, "kid_std": None, "kid_subset_size": int(kid_subset_size) if kid else None,
             "kid_subsets": int(kid_subsets) if kid else None,
             "precision": None, "recall": None, "inception_score": None, "inception_score_std": None,

@@ -1,7 +1,7 @@
 """FLOP (multiply-accumulate) and parameter counting with fvcore, plus handles for what fvcore misses.
 
-Convention (``docs/model-contract.md``, ``anchors.md``): FLOPs are multiply-accumulates per image as
-fvcore counts them, the convention of the DiT paper's "Gflops". fvcore prices matmuls, linears,
+Convention (``docs/model-contract.md``, README "Parameter and FLOP counts"): FLOPs are multiply-accumulates
+per image as fvcore counts them, the convention of the DiT paper's "Gflops". fvcore prices matmuls, linears,
 convolutions, einsums and norms; it does not price element-wise maps (add, mul, activations,
 softmax), which is also the DiT paper's convention. What fvcore cannot see gets a handle here:
 
@@ -24,7 +24,7 @@ Counting conventions (:data:`CONVENTIONS`). Published counts were made with diff
 each printed number, a preset's published counts name their convention and are compared with our count
 under that convention (``model_summary(...)["published"]``, ``scripts/preset_counts.py``):
 
-- ``diffbias`` (default): the above, every handle on; the DiT paper's "Gflops" (anchors.md).
+- ``diffbias`` (default): the above, every handle on; the DiT paper's "Gflops" (its table 4).
 - ``fvcore-as-shipped``: fvcore with none of the handles above, so fused attention (QK^T and AV inside
   ``scaled_dot_product_attention``), local/GMM attention, FFTs and the DICE signal function cost 0, as
   when fvcore meets them without a handle. Paper 002 table 2 "GFlops": DiT-XL/2 114.46 = 118.69 minus
@@ -33,16 +33,22 @@ under that convention (``model_summary(...)["published"]``, ``scripts/preset_cou
   summed over leaf modules): a convolution costs its weight + bias numel x output positions, any other
   leaf module its weight + bias numel once per image (a Linear applied to 256 tokens counts once).
   Paper 002 table 2 "Mult-Adds": DiT-XL/2 0.68 G (its parameters plus the patch conv x 256), DICE-XL 1.05 G.
+
+Counting does no arithmetic: fvcore's trace (and the torchinfo pass) run on the meta device, where a tensor
+is a shape, a dtype and strides without storage (:func:`count_flops`), so a DiffuSSM-XL costs what a tiny
+model does. The counts are those of a trace on real tensors (tested for every backbone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import math
 import warnings
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -170,8 +176,9 @@ def count_parameters(model: nn.Module) -> int:
 def materialize_on_cpu(model: nn.Module) -> nn.Module:
     """Give every meta-device parameter and buffer CPU storage of the same shape and dtype, in place.
 
-    Counting needs real tensors (a jit trace cannot run on meta tensors) but not real values, and a
-    model built on the meta device skips its (slow) initialisation. Floating tensors are left
+    The fallback when a model cannot be traced on the meta device (:func:`count_flops`): that trace
+    needs real tensors but not real values, and a model built on the meta device skips its (slow)
+    initialisation. Floating tensors are left
     uninitialised (no memory is touched until used); integer and boolean tensors (indices, masks)
     are zeros so that lookups stay in range. Shared tensors stay shared; tensors that are already
     real (e.g. buffers made with numpy) keep their values. The result is for counting only.
@@ -205,10 +212,15 @@ def build_for_counting(
     in_channels: int,
     num_classes: int = 0,
     learn_sigma: bool = True,
+    materialize: bool = True,
 ) -> nn.Module:
-    """``build_model`` on the meta device, then materialised with CPU zeros (fast for big presets).
+    """``build_model`` on the meta device (fast for big presets: no weights, no initialisation).
 
-    Falls back to an ordinary CPU build if the backbone cannot be constructed on the meta device.
+    ``materialize=True`` then gives it uninitialised CPU storage (:func:`materialize_on_cpu`);
+    ``materialize=False`` returns the meta model as it is, which :func:`count_flops`,
+    :func:`count_mult_adds` and :func:`count_parameters` count without touching any memory (buffers
+    made with numpy stay real). Falls back to an ordinary CPU build if the backbone cannot be
+    constructed on the meta device.
     """
     from diffbias.models import build_model
 
@@ -218,7 +230,38 @@ def build_for_counting(
             model = build_model(backbone, preset, options, **kwargs)
     except Exception:  # noqa: BLE001 - any construction problem on meta: build normally
         return build_model(backbone, preset, options, **kwargs)
-    return materialize_on_cpu(model)
+    return materialize_on_cpu(model) if materialize else model
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+@contextlib.contextmanager
+def _on_meta(model: nn.Module) -> Iterator[nn.Module]:
+    """Swap every parameter and buffer of ``model`` for a meta tensor of the same shape, dtype and strides
+    for the duration of the block, then put the originals back (in place: no copy of the weights is made,
+    and a real model comes back untouched). Shared tensors stay shared."""
+    memo: dict[int, torch.Tensor] = {}
+    saved: list[tuple[dict, str, torch.Tensor]] = []
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            m = t if t.is_meta else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        return memo[id(t)]
+
+    try:
+        for module in model.modules():
+            for slots in (module._parameters, module._buffers):
+                for name, t in list(slots.items()):
+                    if t is not None and not t.is_meta:
+                        saved.append((slots, name, t))
+                        slots[name] = meta(t)
+        yield model
+    finally:
+        for slots, name, t in reversed(saved):
+            slots[name] = t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,6 +369,106 @@ def _shape_only_mode_class():
     return ShapeOnlyHeavyOps
 
 
+def _metadata_key(value: Any) -> Any:
+    """A hashable stand-in for an operator argument: a meta tensor by its metadata (all a meta kernel
+    reads), containers element-wise, anything else as itself; TypeError for what cannot be a key (a
+    real tensor: its values may matter)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_meta:
+            raise TypeError("a real tensor is not metadata alone")
+        return ("tensor", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype,
+                value.device, value.is_conj(), value.is_neg())
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_metadata_key, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _metadata_key(v)) for k, v in sorted(value.items())))
+    hash(value)
+    return value
+
+
+def _all_meta(value: Any) -> bool:
+    """Whether ``value`` is a meta tensor, or a list/tuple of meta tensors (and Nones)."""
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(v is None or _all_meta(v) for v in value)
+    return False
+
+
+def _fresh_like(value: Any) -> Any:
+    """New meta tensors with the metadata of ``value``'s tensors (the other leaves as they are)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_fresh_like, value))
+    return value
+
+
+def _meta_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tracer = _tracer_key()
+    if tracer is None:
+        raise RuntimeError("this torch build exposes no Tracer dispatch key; trace on real tensors")
+    aten = torch.ops.aten
+
+    class MetaTrace(TorchDispatchMode):
+        """Runs every operator on the meta device (inputs, weights and outputs are meta tensors: shapes,
+        dtypes and strides, no storage), so a jit trace records the graph of a normal trace with its
+        shapes and does no arithmetic at all. Kernels run in the worker thread: many meta kernels are
+        Python, and in the trace's thread ``tensor.shape`` gives traced sizes that the argument parser
+        stashes for the next traced operator (see ShapeOnlyHeavyOps).
+
+        Meta kernels are slow (0.1-1 ms for a pointwise op) and a deep model calls the same ones on the
+        same shapes in every block: a functional operator's output metadata is a function of its
+        arguments' metadata, so it is computed once per distinct call and then handed out as fresh
+        tensors. Views and in-place operators (their outputs alias their inputs) always run."""
+
+        def __init__(self):
+            super().__init__()
+            self.outputs: dict[Any, Any] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is aten.convolution.default and not kwargs:
+                # As in ShapeOnlyHeavyOps: the trace must record the aten::_convolution that the CPU
+                # kernel dispatches (what fvcore prices); convolution's meta kernel would dispatch nothing.
+                cudnn = torch.backends.cudnn
+                flags = (bool(cudnn.benchmark), bool(cudnn.deterministic), bool(cudnn.enabled),
+                         bool(cudnn.allow_tf32))
+                excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(tracer)
+                torch._C._dispatch_tls_set_dispatch_key_excluded(tracer, False)
+                try:
+                    with self:
+                        return aten._convolution.default(*args, *flags)
+                finally:
+                    torch._C._dispatch_tls_set_dispatch_key_excluded(tracer, excluded)
+            return _meta_worker().submit(self._run, func, args, kwargs).result()
+
+        def _run(self, func, args, kwargs):
+            """In the worker thread (no tracing state there), below autograd and ADInplaceOrView as a kernel
+            called from a handler in the tracing thread would be: that thread gives views their autograd
+            metadata itself."""
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                schema = func._schema
+                if any(a.alias_info is not None for a in (*schema.arguments, *schema.returns)):
+                    return func(*args, **kwargs)
+                try:
+                    key = (func, _metadata_key(args), _metadata_key(kwargs))
+                except TypeError:  # an argument that cannot be a key: run the kernel every time
+                    return func(*args, **kwargs)
+                if key in self.outputs:
+                    return _fresh_like(self.outputs[key])
+                out = func(*args, **kwargs)
+                # Only meta tensors are metadata alone: a real tensor (e.g. the tracer's own 0-dim size
+                # tensors, made on the CPU) or a number (their values, read by item()) is a value.
+                if _all_meta(out):
+                    self.outputs[key] = _fresh_like(out)
+                return out
+
+    return MetaTrace
+
+
 # ----------------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
@@ -350,11 +493,13 @@ def _per_image(value: float, batch_size: int) -> int:
 
 
 def _counting_inputs(model: nn.Module, caller: str, input_size: int, in_channels: int, num_classes: int,
-                     batch_size: int) -> tuple[torch.Tensor, ...]:
-    """(x, t[, y]) on the model's device for one counting pass; a meta-device model cannot be run."""
-    device = _model_device(model)
-    if device.type == "meta":
-        raise ValueError(f"{caller} needs real tensors: materialise the model first (materialize_on_cpu)")
+                     batch_size: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+    """(x, t[, y]) for one counting pass, on ``device`` (default: the model's; a meta-device model is
+    only counted through the meta paths, which pass ``device="meta"``)."""
+    if device is None:
+        device = _model_device(model)
+        if device.type == "meta":
+            raise ValueError(f"{caller} needs real tensors: materialise the model first (materialize_on_cpu)")
     x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
     t = torch.randint(0, 1000, (batch_size,), device=device)
     if num_classes > 0:
@@ -385,11 +530,19 @@ def count_flops(
     first) and ``df.attrs`` holds ``skipped_ops`` (operators fvcore saw but did not price, with
     their call counts), ``unrecognised_ops`` (the skipped ones that are not known element-wise
     maps; a warning names them), ``by_module_type`` (MACs per image per module class, each op
-    attributed to the innermost module that ran it), ``batch_size`` and ``shape_only``.
+    attributed to the innermost module that ran it), ``batch_size``, ``shape_only`` and
+    ``counted_on`` (below).
 
-    ``shape_only`` (default) skips the arithmetic of the heavy kernels while tracing (see
-    ``ShapeOnlyHeavyOps``): the graph and shapes, hence the counts, are those of a normal trace. If
-    anything fails in that mode the model is traced normally.
+    ``shape_only`` (default) does no arithmetic: the trace runs on the meta device (``MetaTrace``;
+    the model's parameters and buffers are swapped for meta tensors during the trace and put back
+    after), so it costs the same for DiT-XL/2 as for a tiny model. Where that fails (an operator
+    without a meta kernel, a value read out of a tensor), it runs on CPU tensors with only the heavy
+    kernels skipped (``ShapeOnlyHeavyOps``), and if that fails too, normally. Every way records the
+    same graph with the same shapes, hence the same counts (tested for every backbone);
+    ``df.attrs["counted_on"]`` is ``"meta"``, ``"shape-only"`` or ``"real"``. ``shape_only=False``
+    traces on real tensors. A model built on the meta device (``build_for_counting(...,
+    materialize=False)``) that has to be traced on CPU tensors is materialised in place first
+    (:func:`materialize_on_cpu`).
     """
     import pandas as pd
 
@@ -402,9 +555,10 @@ def count_flops(
     handles = all_handles if convention == "diffbias" else {}
     if model.__class__.__module__.startswith("fvcore"):
         raise TypeError("count_flops takes the model, not an fvcore analysis")
-    inputs = _counting_inputs(model, "count_flops", input_size, in_channels, num_classes, batch_size)
+    counting_inputs = functools.partial(_counting_inputs, model, "count_flops", input_size, in_channels,
+                                        num_classes, batch_size)
 
-    def new_analysis():
+    def new_analysis(inputs):
         analysis = _flop_count_analysis_class()(model, inputs)
         analysis.set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False)
@@ -412,28 +566,41 @@ def count_flops(
         analysis.tracer_warnings("none")
         return analysis
 
-    analysis = new_analysis()
-
     was_training = model.training
     model.eval()
     fvcore_logger = logging.getLogger("fvcore")
     previous_level = fvcore_logger.level
     fvcore_logger.setLevel(logging.ERROR)
-    shape_only_used = False
+    counted_on = None
     try:
         with torch.no_grad(), flop_counting(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # jit tracer / deprecation chatter, not about counts
             if shape_only:
+                try:
+                    # torch.device: tensors the forward makes without a device are meta too
+                    with _on_meta(model), torch.device("meta"), _meta_mode_class()():
+                        analysis = new_analysis(counting_inputs(device="meta"))
+                        analysis.total()  # the trace; every statistic below comes from it
+                    counted_on = "meta"
+                except Exception:  # noqa: BLE001 - something needs real tensors: trace on CPU tensors
+                    pass
+            if counted_on is None and _has_meta_tensors(model):
+                materialize_on_cpu(model)
+            if counted_on is None and shape_only:
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)  # only light element-wise work is left: threads cost more than they give
                 try:
+                    analysis = new_analysis(counting_inputs())
                     with _shape_only_mode_class()():
                         analysis.total()
-                    shape_only_used = True
+                    counted_on = "shape-only"
                 except Exception:  # noqa: BLE001 - some operator needs real values: trace for real
-                    analysis = new_analysis()
+                    pass
                 finally:
                     torch.set_num_threads(threads)
+            if counted_on is None:
+                analysis = new_analysis(counting_inputs())
+                counted_on = "real"
             total = analysis.total()
             by_operator = analysis.by_operator()
             by_module = analysis.by_module_and_operator()
@@ -472,13 +639,15 @@ def count_flops(
     df.attrs["unrecognised_ops"] = unrecognised
     df.attrs["by_module_type"] = {k: _per_image(v, batch_size) for k, v in by_type.most_common()}
     df.attrs["batch_size"] = batch_size
-    df.attrs["shape_only"] = shape_only_used
+    df.attrs["shape_only"] = counted_on != "real"
+    df.attrs["counted_on"] = counted_on
     df.attrs["convention"] = convention
     return macs, df
 
 
 def count_mult_adds(
-    model: nn.Module, *, input_size: int, in_channels: int, num_classes: int = 0, batch_size: int = 1
+    model: nn.Module, *, input_size: int, in_channels: int, num_classes: int = 0, batch_size: int = 1,
+    shape_only: bool = True,
 ) -> int:
     """torchinfo's "Total mult-adds" per image, without torchinfo (convention ``torchinfo-mult-adds``).
 
@@ -486,10 +655,11 @@ def count_mult_adds(
     modules, once per call): for each parameter of a leaf module named ``weight`` or ``bias``, a module
     whose class name contains "Conv" adds numel x batch x output positions, any other module numel x
     batch; other parameters whose name contains "weight"/"bias" add numel x out.shape[0] x out.shape[1];
-    parameters of non-leaf modules (a DiT's pos_embed, DICE's lambda) and other names add nothing. The
-    forward pass runs with the heavy kernels shape-only (see ``ShapeOnlyHeavyOps``) when possible.
+    parameters of non-leaf modules (a DiT's pos_embed, DICE's lambda) and other names add nothing. Only
+    shapes matter: with ``shape_only`` (default) the forward pass runs on the meta device (weights swapped
+    as in :func:`count_flops`), else on CPU tensors with the heavy kernels shape-only
+    (``ShapeOnlyHeavyOps``), else normally; ``shape_only=False`` runs it normally.
     """
-    inputs = _counting_inputs(model, "count_mult_adds", input_size, in_channels, num_classes, batch_size)
     total = [0]
 
     def hook(module, args, output):
@@ -506,6 +676,8 @@ def count_mult_adds(
             elif "weight" in name or "bias" in name:
                 total[0] += p.numel() * math.prod(shape[:2])
 
+    counting_inputs = functools.partial(_counting_inputs, model, "count_mult_adds", input_size, in_channels,
+                                        num_classes, batch_size)
     leaves = [m for m in model.modules() if not any(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     was_training = model.training
@@ -513,12 +685,24 @@ def count_mult_adds(
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                with _shape_only_mode_class()():
-                    model(*inputs)
-            except Exception:  # noqa: BLE001 - shape-only mode unavailable or refused: run for real
-                total[0] = 0
-                model(*inputs)
+            if shape_only:
+                try:  # no trace here, so the meta kernels can run in this thread
+                    with _on_meta(model), torch.device("meta"):
+                        model(*counting_inputs(device="meta"))
+                    return _per_image(total[0], batch_size)
+                except Exception:  # noqa: BLE001 - something needs real tensors: run on CPU tensors
+                    total[0] = 0
+            if _has_meta_tensors(model):
+                materialize_on_cpu(model)
+            inputs = counting_inputs()
+            if shape_only:
+                try:
+                    with _shape_only_mode_class()():
+                        model(*inputs)
+                    return _per_image(total[0], batch_size)
+                except Exception:  # noqa: BLE001 - shape-only mode unavailable or refused: run for real
+                    total[0] = 0
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()
