@@ -353,3 +353,23 @@ def test_n_may_fill_the_pool_when_the_test_images_are_elsewhere(tmp_path):
     validate_config(latent_config(tmp_path, pool_size=8, test_path="lat-test"))  # N = 8 of 8, test images apart
     err = _error(validate_config, latent_config(tmp_path, pool_size=8))
     assert err.key == "studies.s.N" and "plus test_size=4" in str(err)
+
+
+def test_a_latent_cache_of_the_current_entry_needs_no_source(tmp_path):
+    import json
+
+    from diffbias.autoencoder import save_tiny_autoencoder
+    from diffbias.latents import cache_spec
+
+    save_tiny_autoencoder(tmp_path / "vae")
+    cfg = validate_config(latent_config(tmp_path, source="image_folder", path=str(tmp_path / "nowhere")))
+    prepared = tmp_path / "results" / "data"
+    assert _error(check_datasets, cfg, prepared).key == "datasets.lat.path"
+    meta = tmp_path / "results" / "latents" / "lat" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"spec": cache_spec(cfg["datasets"]["lat"])}))
+    check_datasets(cfg, prepared)  # encoded from this entry: no job reads the source
+    cfg["datasets"]["lat"]["test_size"] = 5
+    check_datasets(cfg, prepared)  # the test set's size does not change the latents (nor the encode job)
+    cfg["datasets"]["lat"]["resolution"] = 128
+    assert _error(check_datasets, cfg, prepared).key == "datasets.lat.path"

@@ -432,11 +432,13 @@ def model_input(dataset: dict) -> tuple[int, int]:
 def _encoded_from(meta: Path, entry: dict) -> bool:
     """Whether the complete latent cache whose ``meta.json`` is ``meta`` was encoded from exactly ``entry`` (its
     ``spec``, the ``encode_latents`` rule's params): then Snakemake will not encode it again."""
+    from .latents import cache_spec
+
     try:
         recorded = json.loads(meta.read_text())["spec"]
     except Exception:  # noqa: BLE001 - no cache, or none readable: check the source
         return False
-    return json.dumps(recorded, sort_keys=True) == json.dumps(entry, sort_keys=True, default=str)
+    return json.dumps(recorded, sort_keys=True) == json.dumps(cache_spec(entry), sort_keys=True, default=str)
 
 
 def _prepared_from(path: Path, entry: dict) -> bool:

@@ -54,7 +54,17 @@ META = "meta.json"
 PLAN = "plan.json"
 LATENT_DEFAULTS = {"posterior": "mean", "seed": 0, "hflip": False, "shard_size": DEFAULT_SHARD_SIZE}
 
-__all__ = ["encode_dataset", "LatentPool", "is_latent_cache", "latent_settings", "shard_ranges", "model_input"]
+__all__ = ["encode_dataset", "LatentPool", "is_latent_cache", "latent_settings", "shard_ranges", "model_input",
+           "cache_spec"]
+
+# The keys of a data-set entry that decide its latents: the encode job's parameters and the cache's plan hold these
+# only, so editing e.g. test_size or pool_size never re-encodes 1.28M images.
+CACHE_KEYS = ("source", "path", "test_path", "resolution", "channels", "max_images", "loader_kwargs", "latents")
+
+
+def cache_spec(dataset: dict) -> dict:
+    """What a latent data set's cache is encoded from: its entry's :data:`CACHE_KEYS`."""
+    return {k: dataset[k] for k in CACHE_KEYS if k in dataset}
 
 
 def model_input(dataset: dict) -> tuple[int, int]:

@@ -56,8 +56,10 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
     from .latents import LatentPool, is_latent_cache
 
     if is_latent_cache(data):  # a latent data set: its real images, read from the source the cache was encoded from
+        from .runs import latent_pixels
+
         pool = LatentPool(data)
-        images, labels, is_test = data_lib.PixelImages(pool.spec), pool.labels, pool.is_test
+        images, labels, is_test = latent_pixels(pool), pool.labels, pool.is_test
     else:
         images, labels, meta = data_lib.load_prepared(data)
         is_test = data_lib.official_test_mask(meta, len(images))

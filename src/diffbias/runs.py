@@ -165,7 +165,7 @@ class TrainedRun:
     def pixel_images(self):
         """The real images of the pool as uint8 (P, C, H, W): the prepared pixel pool, or for a latent run the data
         set's images read and cropped on access from the source the cache was encoded from (data.PixelImages)."""
-        return data_lib.PixelImages(self.images.spec) if self.latent else self.images
+        return latent_pixels(self.images) if self.latent else self.images
 
     def reference_images(self, which: str, max_reference: int):
         """uint8 reference set for FID (see :func:`reference_indices`): real images, also for a latent run. A latent
@@ -219,6 +219,16 @@ class TrainedRun:
             return np.concatenate([self.to_pixels(z) for z in sample_batches(
                 model, num_samples, shape=self.image_shape, steps=sampling_steps, seed=seed, batch_size=batch_size,
                 labels=labels, clip_denoised=False)])
+
+
+def latent_pixels(pool) -> "data_lib.PixelImages":
+    """The real images a latent cache was encoded from, row for row; refused when the source no longer holds as many
+    images as the cache (the rows would not be the same images)."""
+    images = data_lib.PixelImages(pool.spec)
+    if len(images) != len(pool):
+        raise ValueError(f"{pool.root} holds {len(pool)} latents but its source now has {len(images)} images: "
+                         "encode the data set again")
+    return images
 
 
 class ImageRows:

@@ -1,4 +1,6 @@
 # Preprocessed arrays, cached once per data set entry (source, resolution, channels) and shared by all runs.
+from diffbias.latents import cache_spec
+
 
 
 rule prepare_data:
@@ -25,7 +27,7 @@ rule encode_latents:
     output:
         plan.pattern("latents", R),
     params:
-        spec=lambda wc: json.dumps(CFG["datasets"][wc.dataset], sort_keys=True),
+        spec=lambda wc: json.dumps(cache_spec(CFG["datasets"][wc.dataset]), sort_keys=True),
         out=lambda wc: f"{R}/latents/{wc.dataset}",
         device=CFG["device"],
     threads: CFG["threads_per_job"]
