@@ -87,6 +87,14 @@ def test_normalise_for_display():
     assert normalise_for_display(torch.full((3, 3), 0.5)).abs().max() == 0
 
 
+def test_log_normalise_spreads_small_values_over_decades():
+    from diffbias.metrics.attention_maps import LOG_DECADES, log_normalise_for_display
+
+    out = log_normalise_for_display(torch.tensor([0.0, 1e-6, 1e-3, 1e-2, 1.0]))
+    # after the linear [0, 1] step: 1 -> 1, 10^-k -> 1 - k/decades, anything below 10^-decades -> 0
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 1 - 3 / LOG_DECADES, 1 - 2 / LOG_DECADES, 1.0]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Recording on a tiny DiT
 # ---------------------------------------------------------------------------------------------------
@@ -148,6 +156,8 @@ def test_plot_attention_maps(tmp_path):
     assert im.get_clim() == (0.0, 0.1)
     assert im.get_array().shape == (L, L)
     assert len(main[0].child_axes) == 1 and main[0].child_axes[0].images[0].get_array().shape == GRID
+    log = plot_attention_maps(maps, GRID, layers=(1,), scale="log")
+    assert [ax for ax in log.axes if ax.get_title() == "Layer 1"][0].images[0].get_clim() == (0.0, 1.0)
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -207,3 +217,17 @@ def test_streaming_pca_exact_on_low_rank_data():
     _, S_ref, Vh = torch.linalg.svd(A - A.mean(0), full_matrices=False)
     torch.testing.assert_close(S, S_ref[:3], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close((V.T @ Vh[:3].T).abs(), torch.eye(3), atol=1e-4, rtol=0)
+
+
+def test_figs_9_to_11_draw_the_dit_when_the_study_has_no_baseline():
+    from types import SimpleNamespace
+
+    from diffbias.analysis import Block
+    from diffbias.measurements.attention import figure_variants
+
+    unet = (SimpleNamespace(variant="unet"), {"layer1": None})  # one attention layer (the middle block)
+    dit = (SimpleNamespace(variant="xs"), {f"layer{k}": None for k in range(1, 13)})
+    no_baseline = {"blocks": [Block("UNet-004", None, ["unet"]), Block("DiT-XS/1", None, ["xs"])]}
+    assert figure_variants(no_baseline, [unet, dit]) == {"xs"}
+    assert figure_variants(no_baseline, [unet]) == {"unet"}  # nothing deeper: whatever has maps
+    assert figure_variants({"blocks": [Block("UNet", "unet", ["unet", "xs"])]}, [unet, dit]) == {"unet"}

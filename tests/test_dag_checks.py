@@ -11,6 +11,7 @@ import json
 
 import copy
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -67,8 +68,10 @@ def test_models_are_built_once_per_distinct_model_and_shape():
     _meta_build_error.cache_clear()
     validate_config(raw)
     info = _meta_build_error.cache_info()
-    # every variant at 3x32x32: one build each, however many data sets, N and seeds use them
-    assert info.misses == len(raw["variants"]) and info.hits > 0
+    # every distinct model at 3x32x32: one build each, however many variants (table 1's † rows differ from theirs in
+    # training only), data sets, N and seeds use it
+    models = {(v.get("preset"), json.dumps(v.get("options", {}), sort_keys=True)) for v in raw["variants"].values()}
+    assert info.misses == len(models) == 16 and info.hits > 0
     validate_config(raw)
     assert _meta_build_error.cache_info().misses == info.misses
 
@@ -349,10 +352,11 @@ def test_latent_autoencoder_statistics_and_test_images_are_checked_on_disk(tmp_p
     assert err.key == "datasets.lat.test_path" and str(tmp_path / "val") in str(err)
 
 
-def test_n_may_fill_the_pool_when_the_test_images_are_elsewhere(tmp_path):
-    validate_config(latent_config(tmp_path, pool_size=8, test_path="lat-test"))  # N = 8 of 8, test images apart
-    err = _error(validate_config, latent_config(tmp_path, pool_size=8))
-    assert err.key == "studies.s.N" and "plus test_size=4" in str(err)
+def test_a_test_path_gives_any_source_an_official_split(tmp_path):
+    lsun = dict(source="lsun", path=str(tmp_path / "train"), split="official")
+    err = _error(validate_config, latent_config(tmp_path, **lsun))
+    assert err.key == "datasets.lat.split" and "test_path" in str(err)  # one folder: no official test images
+    validate_config(latent_config(tmp_path, **lsun, test_path=str(tmp_path / "val")))
 
 
 def test_a_latent_cache_of_the_current_entry_needs_no_source(tmp_path):

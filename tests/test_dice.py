@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,32 @@ def test_dice_xl_nohands_keeps_the_widths():
     # one hand (50 D) and the per-channel lambda (D) fewer per block
     assert count_parameters(hands) - count_parameters(plain) == sum(51 * s.dim * len(s.blocks) for s in hands.stages)
     assert count_parameters(plain) == _dice_closed_form_params(hands=False)
+
+
+def test_signal_function_measurement_on_a_trained_dice(tmp_path, tiny_dataset):
+    """Paper 002 figs. 5-9: the learned lambdas of every block and one block's hand outputs on a held-out image;
+    the joined features are the model's own signal function of the recorded hands."""
+    import json
+
+    from diffbias import measurements
+    from diffbias.config import RunKey, run_spec, validate_config
+    from diffbias.measure import measure
+
+    measurements.load()  # the registry in BUILTIN order before a module is imported by name
+    from diffbias.measurements.signal_function import signal
+    from diffbias.train import Trainer
+
+    cfg = validate_config({
+        "datasets": {"tiny": {"source": "npz", "path": "unused.npz", "resolution": 16, "channels": 1, "test_size": 20}},
+        "training": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        "variants": {"dice": {"preset": "DICE-T"}}, "studies": {"s": {"dataset": "tiny", "variants": ["dice"], "N": [16]}}})
+    out = tmp_path / "run"
+    Trainer(run_spec(cfg, RunKey("tiny", "dice", 16, 0)), tiny_dataset, out, tmp_path / "ck.pt", device="cpu").run(progress=False)
+    measure("signal_function", model=str(out / "model.pt"), data=str(tiny_dataset), out=str(tmp_path / "s.parquet"),
+            arrays_out=str(tmp_path / "s.npz"), config=json.dumps({"channels": 2}), device="cpu")
+    table = pd.read_parquet(tmp_path / "s.parquet")
+    with np.load(tmp_path / "s.npz") as a:
+        assert len(a["lambdas"]) == table["channels"].sum() and set(a["lambda_block"]) == set(table["block"])
+        assert a["left"].shape == a["right"].shape == a["joined"].shape and a["left"].shape[0] == 2
+        lam = a["block_lambdas"][:, None, None]
+        np.testing.assert_allclose(a["joined"], signal(a["left"], a["right"], lam), rtol=1e-4, atol=1e-6)

@@ -433,3 +433,19 @@ def test_two_handles_for_one_operator_raise():
     finally:
         del BACKBONES["zz-impostor"]
     flop_handles()  # consistent again
+
+
+def test_paper_004_fig_3_dit_parameters_match_no_dit_with_its_flops():
+    """Fig. 3 gives the DiT "300.49G, 51.16M". The GFLOPs are DiT-XS/1's (32 x its conv+linear MACs, the UNet's factor
+    too, tests/test_unet.py); DiT-XS/1 has 14.02M parameters. Every DiT at 32x32x3, patch 1 with 51.16M parameters
+    (width, depth) = (256, 43), (316, 28) with 1000 classes, (432, 15), learned sigma or not, costs ~3.7x XS/1's MACs,
+    so no one model has both numbers: the 51.16M cannot be placed (docs/counts.md)."""
+    xs = build_for_counting(preset="DiT-XS/1", input_size=32, in_channels=3)
+    xs_macs = count_flops(xs, input_size=32, in_channels=3, convention="fvcore-as-shipped")[0]
+    assert abs(300.49e9 / xs_macs / 32 - 1) < 0.005
+    for width, depth, heads, classes in ((256, 43, 4, 0), (316, 28, 4, 1000), (432, 15, 6, 0)):
+        model = build_for_counting(preset="DiT-XS/1", options={"hidden_size": width, "depth": depth, "num_heads": heads},
+                                   input_size=32, in_channels=3, num_classes=classes)
+        assert abs(count_parameters(model) - 51.16e6) < 5e3
+        macs = count_flops(model, input_size=32, in_channels=3, num_classes=classes, convention="fvcore-as-shipped")[0]
+        assert macs / xs_macs > 3.5

@@ -28,9 +28,9 @@ COUNT, TEST_IMAGES, RES = 40, 256, 32  # fixture images at path, at test_path (t
 
 
 def _spec(vae_dir) -> dict:
-    return {"source": "fixture", "path": "lat-train", "test_path": "lat-test", "resolution": RES, "channels": 3,
-            "max_images": COUNT, "test_size": 12, "latents": {"autoencoder": str(vae_dir), "shard_size": 64,
-                                                              "hflip": True}}
+    return {"source": "fixture", "path": "lat-train", "test_path": "lat-test", "split": "official", "resolution": RES,
+            "channels": 3, "max_images": COUNT, "test_size": 12,
+            "latents": {"autoencoder": str(vae_dir), "shard_size": 64, "hflip": True}}
 
 
 def _run_spec(vae_dir, steps: int = 4) -> dict:
@@ -56,9 +56,9 @@ def latent_run(tmp_path_factory):
 
 def test_official_test_images_are_marked_and_never_trained_on(latent_run):
     tmp, _, meta = latent_run
-    assert meta["official_test"] == [COUNT, COUNT + TEST_IMAGES] and meta["count"] == COUNT + TEST_IMAGES
+    assert meta["official_test_images"] == TEST_IMAGES and meta["count"] == COUNT + TEST_IMAGES
     pool = LatentPool(tmp / "cache")
-    assert pool.is_test.sum() == TEST_IMAGES and pool.is_test[COUNT:].all()
+    assert pool.is_test.sum() == TEST_IMAGES and pool.is_test[COUNT:].all()  # is_test.npy beside the shards
     run = TrainedRun.load(tmp / "run" / "model.pt", tmp / "cache" / "meta.json", "cpu")
     train, test = run.split
     assert (train < COUNT).all() and (test >= COUNT).all() and len(train) == 16 and len(test) == 12
@@ -196,10 +196,13 @@ def test_pixel_pool_with_official_test_images(tmp_path):
     data_lib.prepare_dataset(spec, str(tmp_path / "pool.npz"))
     images, labels, meta = data_lib.load_prepared(str(tmp_path / "pool.npz"))
     assert images.shape == (8, 3, 8, 8) and list(labels) == [0, 0, 0, 1, 1, 0, 1, 1]
-    mask = data_lib.official_test_mask(meta, len(images))
-    assert meta["official_test"] == [5, 8] and list(np.nonzero(mask)[0]) == [5, 6, 7]
-    train, test = data_lib.run_split(8, {"run": {"N": 4, "seed": 0}, "dataset": {"test_size": 3}}, mask)
+    assert meta["official_test_images"] == 3
+    run = {"run": {"N": 4, "seed": 0}, "dataset": {"test_size": 3, "split": "official"}}
+    mask = data_lib.run_test_mask(run, str(tmp_path / "pool.npz"))
+    assert list(np.nonzero(mask)[0]) == [5, 6, 7]
+    train, test = data_lib.run_split(8, run, mask)
     assert set(test) == {5, 6, 7} and not set(train) & {5, 6, 7}
+    assert data_lib.official_split_problem("lsun") and not data_lib.official_split_problem("lsun", test_path="val")
     assert np.array_equal(data_lib.PixelImages(spec)[[5, 0]], images[[5, 0]])  # streamed == prepared
     (tmp_path / "val" / "n03").mkdir()
     with pytest.raises(ValueError, match="different class folders"):

@@ -21,9 +21,14 @@ def micro():
     return load("workflow/configs/micro.yaml")
 
 
+def runs_of(config, inst):
+    return plan.measured_runs(config, "micro", inst)
+
+
 def test_instances_and_the_runs_they_apply_to(micro):
     inst = plan.instances(micro)
-    assert set(inst) == {"psnr", "fid", "fid_curve", "jacobian", "attention", "gmm_masks"}  # no FreeU grid declared
+    assert set(inst) == {"psnr", "fid", "fid_curve", "jacobian", "attention", "gmm_masks", "signal_function"}  # no FreeU grid
+    assert runs_of(micro, inst["signal_function"]) == []  # DiT has no signal function
     runs = {name: [r.n for r in plan.measured_runs(micro, "micro", i)] for name, i in inst.items()}
     assert runs["psnr"] == [10, 50, 10, 50] and runs["fid"] == [50, 50] and runs["fid_curve"] == [50, 50]
     assert runs["gmm_masks"] == []  # DiT has no masks
@@ -31,7 +36,7 @@ def test_instances_and_the_runs_they_apply_to(micro):
 
 def test_study_tables_inputs_and_array_packs(micro):
     tables = plan.study_tables(micro, "micro")
-    assert set(tables) == {"train_log", "counts", "psnr", "fid", "fid_curve", "jacobian", "attention"}
+    assert set(tables) == {"train_log", "counts", "counts_by_length", "psnr", "fid", "fid_curve", "jacobian", "attention"}
     assert tables["fid"] == "results/studies/micro/fid.parquet"
     assert plan.table_inputs(micro, "micro", "fid") == ["results/runs/fmnist8/dit/N50/seed0/fid.parquet",
                                                         "results/runs/fmnist8/dit_local/N50/seed0/fid.parquet"]
@@ -78,7 +83,9 @@ def test_study_description_carries_papers_settings_and_switches():
     cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-000.yaml").read_text()))
     d = plan.study_description(cfg, "gmm_s")
     assert d["papers"] == ["000", "001"] and d["variant_specs"]["uvit_gmm"]["options"]["gmm"] is True
-    assert d["settings"]["freeu"]["sample_points"] == [[1.8, 0.85], [1.0, 0.85], [1.3, 1.0]]
+    # paper 000 figs. 5-7 and paper 001's Models 2-3 (Model 1 is fig. 5's (1, 1))
+    assert d["settings"]["freeu"]["sample_points"] == [[1.0, 1.0], [1.8, 0.85], [1.0, 0.85], [1.3, 1.0], [1.0, 0.8]]
+    assert d["settings"]["freeu"]["reference"] == "test" and d["settings"]["fid_curve"]["N"] == [50000]
     assert "jacobian" in d["switched_off"] and "attention" not in d["switched_off"]
     assert "freeu-gmm_s" in plan.instances(cfg)  # a study-scoped measurement: one instance per study
 
@@ -147,3 +154,27 @@ def test_reference_statistics_are_named_by_their_config_key():
     assert plan.measurement_files(cfg, fid, "imagenet256") == {key: "data/adm/VIRTUAL_imagenet256_labeled.npz"}
     assert plan.measurement_files(cfg, guided, "imagenet256") == {key: "data/adm/VIRTUAL_imagenet256_labeled.npz"}
     assert plan.measurement_files(cfg, fid, "lsun_church") == {}  # no ADM batch: the training images
+
+
+def test_the_report_reads_the_pca_basis_it_draws_and_data_jobs_ignore_the_default_split():
+    cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-004.yaml").read_text()))
+    basis = "results/paper-004/runs/imagenet/xs/N100000/seed43/pca_basis.pt"  # app. C: ImageNet's PCs used on CelebA
+    assert plan.study_pca_bases(cfg, "appc_parameter_reduction") == {"xs_pca": basis}
+    assert plan.report_inputs(cfg, "appc_parameter_reduction")["pca_basis_xs_pca"] == basis
+    assert plan.study_description(cfg, "appc_parameter_reduction")["pca_bases"] == {"xs_pca": basis}
+    assert plan.study_pca_bases(cfg, "fig6_local_vs_global") == {}
+    # paper-004 states split: shuffle, the default: its prepare jobs see the same spec as before the key existed
+    assert cfg["datasets"]["celeba"]["split"] == "shuffle" and "split" not in plan.data_spec(cfg, "celeba")
+    assert plan.dataset_split(cfg, "celeba") == "shuffle"
+
+
+def test_counts_by_length_counts_each_architecture_at_the_listed_sides():
+    from diffbias.counts import length_sweep
+
+    cfg = load("workflow/configs/micro.yaml")
+    study = plan.study_description(cfg, "micro")
+    assert study["count_sides"] == [] and length_sweep(study).empty  # opt-in: exact counts of XL models take minutes
+    table = length_sweep(study | {"count_sides": [4, 8, 16, 32]})
+    for variant, sub in table.groupby("variant"):
+        assert set(sub["side"]) <= {4, 8, 16, 32} and len(sub) >= 2, variant
+        assert (sub["seq_len"] == sub["side"] ** 2).all() and sub.sort_values("side")["gmacs"].is_monotonic_increasing

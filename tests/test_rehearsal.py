@@ -117,7 +117,7 @@ def test_latent_data_sets_rehearse_as_latents_through_a_tiny_vae():
         assert ds["latents"]["autoencoder"] == "results/rehearsal/paper-003/autoencoders/tiny-sd-vae"
         assert ds["latents"]["hflip"] and ds["latents"]["shard_size"] == 64  # several shards
         assert ds["resolution"] == 128 and model_input(ds) == (4, 16)  # the pixel rehearsal's 16x16 grid, as latents
-        assert ds["test_path"] == f"{key}-test"  # official test images kept apart
+        assert ds["split"] == "official" and "test_path" not in ds  # the fixture's own official test part
     training = {v: spec.get("training", {}) for v, spec in cfg["variants"].items()}
     assert training["diffussm_xl_cond"]["gpus_per_run"] == 2 and training["diffussm_l"]["gpus_per_run"] == 2
     assert "gpus_per_run" not in training["diffussm_s"] and training["diffussm_xl_cond"]["steps"] == 6

@@ -139,3 +139,15 @@ def test_measurement_settings_come_from_the_schema():
         measurement_settings("psnr", {"num_images": "many"})
     with pytest.raises(ConfigError, match="studies.<study>.freeu_grid"):
         measurement_settings("freeu", {"b": [1.0]})
+
+
+def test_freeu_sample_figure_shows_five_classes_five_samples_each():
+    """Paper 000 figs. 5-7: five classes, five samples each, picked from the labels the samples were drawn with."""
+    from diffbias.config import measurement_settings
+    from diffbias.measurements.freeu import shown_samples
+
+    grid = measurement_settings("freeu", {"b": [1.0], "s": [1.0], "num_samples": 200})
+    picks = shown_samples(10, grid)
+    labels = sampling_labels(10, 200, grid["sample_seed"])[picks]
+    assert labels.tolist() == [c for c in range(5) for _ in range(5)]
+    assert shown_samples(0, grid) is None  # unconditional: the first `keep` samples

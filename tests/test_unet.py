@@ -242,3 +242,17 @@ def test_unet_004_literal_attention_reading_has_more_parameters():
     with torch.device("meta"):
         model = build_model(preset="UNet-004", options={"attention_resolutions": (4,)}, input_size=32, in_channels=3)
     assert count_parameters(model) == 116_919_046
+
+
+def test_unet_004_one_attention_layer_in_the_last_stage_cannot_match_109_55m():
+    """Paper 004 A.2 says "in the last stage, we use one layer of self-attention" AND 109.55M parameters. Only the
+    middle block's attention gives 109.55M; one attention layer in the last (4x4) stage adds one AttentionBlock
+    at 512 channels, 1,051,648 parameters, in the encoder (110.61M) or mirrored in the decoder too (111.66M)."""
+    with torch.device("meta"):
+        model = build_model(preset="UNet-004", input_size=32, in_channels=3)
+    blocks = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert len(blocks) == 1 and count_parameters(model) == 109_557_510  # 109.56M; 109,554,051 without learned sigma
+    one = count_parameters(blocks[0])
+    assert one == 1_051_648
+    for extra in (1, 2):  # encoder's last stage; and its mirror in the decoder
+        assert abs(count_parameters(model) + extra * one - 109.55e6) > 1e6

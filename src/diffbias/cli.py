@@ -70,7 +70,7 @@ def cmd_shared_input(args) -> None:
     from .measure import build_shared_input
 
     build_shared_input(args.name, data=args.data, n=args.n, seed=args.seed, test_size=args.test_size,
-                       config=args.config, out=args.out, device=args.device, threads=args.threads)
+                       split=args.split, config=args.config, out=args.out, device=args.device, threads=args.threads)
 
 
 def cmd_pca_basis(args) -> None:
@@ -82,7 +82,7 @@ def cmd_pca_basis(args) -> None:
 def cmd_counts(args) -> None:
     from .counts import write_study_counts
 
-    write_study_counts(json.loads(args.study), args.out, args.ops_out)
+    write_study_counts(json.loads(args.study), args.out, args.ops_out, args.length_out)
 
 
 def cmd_cost(args) -> None:
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, required=True, help="training-set size N of the runs it serves")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--test-size", type=int, required=True, help="the data set's test_size (defines the split)")
+    p.add_argument("--split", choices=("shuffle", "official"), default="shuffle",
+                   help="the data set's split: official draws the test set from its official test images only")
     p.add_argument("--config", default="{}", help="its settings section, as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_shared_input)
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study", required=True, help="study description JSON")
     p.add_argument("--out", required=True)
     p.add_argument("--ops-out", required=True, help="per-operator breakdown parquet")
+    p.add_argument("--length-out", help="GFLOPs at other input sizes (counts_by_length) parquet")
     p.set_defaults(func=cmd_counts)
 
     p = sub.add_parser("cost", help="training and evaluation GPU-hours of a config, before running it")

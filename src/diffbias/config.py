@@ -22,6 +22,8 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 # Pool sizes known without touching the data, so "N too large" fails before any job starts.
 KNOWN_POOL_SIZES = {"fashion_mnist": 70_000, "cifar10": 60_000}
+# (official training images, official test images) of the sources whose sizes are fixed, for split: official.
+KNOWN_OFFICIAL_SIZES = {"fashion_mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}
 # Class counts used only to build class-conditional models at DAG time (the trainer reads the real count
 # from the labels; the embedding table's size cannot make a constructor fail).
 KNOWN_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet32": 1000, "imagenet": 1000}
@@ -206,11 +208,18 @@ def _check_semantics(config: dict) -> None:
                 raise ConfigError(f"{skey}.dataset", f"unknown dataset {dataset!r}; known: {sorted(config['datasets'])}")
             ds = config["datasets"][dataset]
             pool = pool_size(ds)
+            official = _official_sizes(config, dataset)
             for n in study["N"]:
-                if pool is not None and n + (0 if ds.get("test_path") else ds["test_size"]) > pool:
-                    what = f"N={n}" if ds.get("test_path") else f"N={n} plus test_size={ds['test_size']}"
-                    raise ConfigError(f"{skey}.N", f"{what} exceeds the {pool} images of dataset {dataset!r}"
-                                      + (" at its path (the test images are at its test_path)" if ds.get("test_path") else ""))
+                if official is not None and (n > official[0] or ds["test_size"] > official[1]):
+                    raise ConfigError(
+                        f"{skey}.N" if n > official[0] else f"datasets.{dataset}.test_size",
+                        f"N={n} and test_size={ds['test_size']} with split: official need at most {official[0]} "
+                        f"training and {official[1]} test images of dataset {dataset!r}")
+                if official is None and pool is not None and n + ds["test_size"] > pool:
+                    raise ConfigError(
+                        f"{skey}.N",
+                        f"N={n} plus test_size={ds['test_size']} exceeds the {pool} images of dataset {dataset!r}",
+                    )
             try:
                 model_input(ds)
             except ValueError as exc:
@@ -238,6 +247,32 @@ def _check_semantics(config: dict) -> None:
     for m in measurements.values():
         if m.check and m.scope == "run":
             _raise_check(m, config["evaluation"][m.key], f"evaluation.{m.key}")
+
+
+def _official_sizes(config: dict, dataset: str) -> tuple[int, int] | None:
+    """(training, test) images of a ``split: official`` data set when known without the data (CIFAR-10,
+    Fashion-MNIST, capped by max_images); raises ConfigError naming ``datasets.<key>.split`` when its source (with its
+    loader arguments) has no official split."""
+    from .data import official_split_problem
+
+    ds = config["datasets"][dataset]
+    if ds.get("split", "shuffle") != "official":
+        return None
+    problem = official_split_problem(ds["source"], ds.get("loader_kwargs"), ds.get("test_path"))
+    if problem:
+        raise ConfigError(f"datasets.{dataset}.split", f"split: official, but {problem}")
+    if ds.get("test_path"):  # counted from the folders only when the data are read
+        return None
+    if ds["source"] == "fixture":  # data.official_test_mask: the last quarter of the fixture pool is its test part
+        from .data import official_test_mask
+
+        mask = official_test_mask("fixture", ds.get("path"), max_images=ds.get("max_images"))
+        return int((~mask).sum()), int(mask.sum())
+    sizes = KNOWN_OFFICIAL_SIZES.get(ds["source"])
+    if sizes is None or not ds.get("max_images"):
+        return sizes
+    cap = ds["max_images"]  # the pool's first max_images in file order: training images come first
+    return min(sizes[0], cap), max(0, min(sizes[1], cap - sizes[0]))
 
 
 def _raise_check(m, settings: dict, where: str) -> None:
@@ -376,8 +411,7 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
             count = check_source(ds["source"], ds.get("path"), **kwargs)
         except (OSError, ValueError) as exc:
             raise ConfigError(where, f"data set {key!r} ({ds['source']}) at {shown}: {exc}") from None
-        test_count = None
-        if ds.get("test_path"):  # the official test images: the test set comes from them alone
+        if ds.get("test_path"):  # the official test images in a second folder: its layout, and enough of them
             try:
                 test_count = check_source(ds["source"], ds["test_path"], **kwargs)
             except (OSError, ValueError) as exc:
@@ -386,15 +420,18 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
             if test_count is not None and ds["test_size"] > test_count:
                 raise ConfigError(f"datasets.{key}.test_size", f"test_size={ds['test_size']} but {ds['test_path']} "
                                   f"holds {test_count} images")
+        elif ds.get("split") == "official":
+            _check_official_on_disk(key, ds, wanted[key], shown)
+            if count is None:
+                continue
         if count is None:
             continue
         if ds.get("pool_size") and ds["pool_size"] != count:  # pool_size is the source's size, before max_images
             raise ConfigError(f"datasets.{key}.pool_size", f"pool_size={ds['pool_size']} but {shown} holds {count} images")
         usable = min(count, ds["max_images"]) if ds.get("max_images") else count
-        held_out = 0 if ds.get("test_path") else ds["test_size"]
-        if wanted[key] + held_out > usable:
-            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than N={wanted[key]}"
-                              + (f" plus test_size={ds['test_size']}" if held_out else ""))
+        if ds.get("split") != "official" and wanted[key] + ds["test_size"] > usable:
+            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than N={wanted[key]} plus "
+                              f"test_size={ds['test_size']}")
     _check_measurement_files(config, wanted)
 
 
@@ -456,6 +493,27 @@ def _prepared_from(path: Path, entry: dict) -> bool:
     except Exception:  # noqa: BLE001 - no readable record: check the source
         return False
     return json.dumps(recorded, sort_keys=True) == json.dumps(entry, sort_keys=True, default=str)
+
+
+def _check_official_on_disk(key: str, ds: dict, largest_n: int, shown: str) -> None:
+    """A ``split: official`` data set on disk: its files mark official test images, enough for test_size, and enough
+    others for the largest N. Image folders other than CelebA's partition are not counted (too many files)."""
+    from .data import official_test_mask
+
+    if ds["source"] in ("imagenet", "cifar10"):  # ImageNet: 1.3M files to list; CIFAR-10: fixed sizes, checked
+        return                                     # without the data (KNOWN_OFFICIAL_SIZES); prepare_data reads both
+    where = f"datasets.{key}.split"
+    try:
+        mask = official_test_mask(ds["source"], ds.get("path"), max_images=ds.get("max_images"),
+                                  **dict(ds.get("loader_kwargs") or {}))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(where, f"data set {key!r} at {shown}: {exc}") from None
+    if mask is None:
+        raise ConfigError(where, f"split: official, but {shown} marks no official test images ({ds['source']})")
+    n_test, n_train = int(mask.sum()), int((~mask).sum())
+    if ds["test_size"] > n_test or largest_n > n_train:
+        raise ConfigError(where, f"{shown} has {n_train} official training and {n_test} official test images: fewer "
+                          f"than N={largest_n} or test_size={ds['test_size']}")
 
 
 def pool_size(dataset: dict) -> int | None:
@@ -579,8 +637,8 @@ def apply_rehearsal(config: dict) -> dict:
                               f"(largest attention window x patch), more than the configured {side}")
         fixture = {"source": "fixture", "path": key, "resolution": resolution, "channels": ds["channels"],
                    "test_size": r["test_size"], "pool_size": None, "max_images": r["fixture_images"]}
-        if ds.get("test_path"):  # official test images: a fixture set of their own, never trained on
-            fixture["test_path"] = f"{key}-test"
+        if "split" in ds:  # the fixture has an official test part (its last quarter): the same split code runs
+            fixture["split"] = ds["split"]
         if ds.get("latents"):  # images 8x the grid, encoded by the tiny SD-shaped VAE a rule makes
             fixture["resolution"] = resolution * SD_GEOMETRY[1]
             fixture["latents"] = {**ds["latents"], "autoencoder": plan.tiny_autoencoder(cfg),
@@ -677,6 +735,8 @@ def run_spec(config: dict, run: RunKey) -> dict:
     if training.get("gpus_per_run") == 1:  # one process is the default: existing runs keep their hash
         del training["gpus_per_run"]
     dataset = dict(config["datasets"][run.dataset])
+    if dataset.get("split") == "shuffle":  # the default, stated or not: existing runs keep their hash
+        del dataset["split"]
     spec = {
         "run": {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed},
         "dataset": dataset,

@@ -9,10 +9,14 @@ Pipeline
 2. :func:`load_pool` converts channels and resizes every image to ``resolution x resolution`` and returns a
    uint8 ``(N, C, H, W)`` array.
 3. :func:`prepare_dataset` caches that pool as an ``.npz`` (written atomically); :func:`load_prepared`
-   reads it back.
+   reads it back. When the source ships an official split (CIFAR-10's ``test_batch``, Fashion-MNIST's ``t10k``,
+   Imagenet32's ``val_data``, ImageNet's ``val/``, CelebA's ``list_eval_partition.txt``), the file also holds
+   ``is_test``, the pool's official test/validation images (:func:`official_test_mask`).
 4. :func:`split_indices` picks the train/test split exactly as appendix A.2 describes: shuffle the whole
    pool once, TRAIN = the *last* ``n_train`` images of the shuffled order, TEST = the *first* ``n_test``.
-   The split depends only on the pool size and the seed, so every backbone sees the same split.
+   The split depends only on the pool size and the seed, so every backbone sees the same split. A data set
+   with ``split: official`` draws its test set from the official test images only and trains only on the
+   others (:func:`run_test_mask`).
 5. :func:`to_model_range` / :func:`from_model_range` map uint8 pixels to the model's ``[-1, 1]`` range
    and back.
 
@@ -66,6 +70,11 @@ __all__ = [
     "load_prepared",
     "split_indices",
     "run_split",
+    "DATASET_SPLITS",
+    "official_test_mask",
+    "official_split_problem",
+    "prepared_test_mask",
+    "run_test_mask",
     "SPLIT_PARTS",
     "to_model_range",
     "from_model_range",
@@ -74,7 +83,6 @@ __all__ = [
     "source_pool",
     "SourcePool",
     "PixelImages",
-    "official_test_mask",
     "preprocess_image",
     "read_idx",
     "rgb_to_luma",
@@ -279,6 +287,14 @@ def load_cifar10(path: str, *, max_images: int | None = None):
     ``cifar-10-python.tar.gz`` archive. Pool = ``data_batch_1`` .. ``data_batch_5`` then ``test_batch``
     (60,000 images, 32x32x3). The batches are pickles: only load files you trust.
     """
+    parts = _cifar10_batches(path)
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return _truncate(images, labels, max_images)
+
+
+def _cifar10_batches(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) of each CIFAR-10 batch, in :data:`_CIFAR_BATCHES` order."""
     def parse(blob: bytes, name: str):
         d = pickle.loads(blob, encoding="bytes")
         data = d.get(b"data", d.get("data"))
@@ -305,9 +321,7 @@ def load_cifar10(path: str, *, max_images: int | None = None):
                 raise FileNotFoundError(f"{b} not found in {path} (expected a cifar-10-batches-py directory)")
             with open(f, "rb") as fh:
                 parts.append(parse(fh.read(), f))
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    return _truncate(images, labels, max_images)
+    return parts
 
 
 def load_imagenet32(path: str, *, include_val: bool = True, max_images: int | None = None):
@@ -454,7 +468,7 @@ def load_lsun(path: str, *, max_images: int | None = None):
     return load_image_folder(path, max_images=max_images)
 
 
-IMAGENET_SPLITS = ("train", "val")
+IMAGENET_SPLITS = ("train", "val", "train+val")
 
 
 def load_imagenet(path: str, *, split: str = "train", max_images: int | None = None):
@@ -464,8 +478,14 @@ def load_imagenet(path: str, *, split: str = "train", max_images: int | None = N
 
     Labels: the index of the image's class folder among the sorted wnids (n01440764 -> 0, ..., 1000 classes), as
     ``ImageFolder`` gives them; for ``val`` the class list must equal ``train``'s when both are present. Images are
-    lazy (opened on access); grey and CMYK JPEGs become RGB in the usual channel conversion.
+    lazy (opened on access); grey and CMYK JPEGs become RGB in the usual channel conversion. ``split="train+val"``
+    is the pool of a data set with ``split: official``: the training images, then the validation images (marked
+    as the official test images by :func:`official_test_mask`).
     """
+    if split == "train+val":
+        parts = [load_imagenet(path, split=s) for s in ("train", "val")]
+        images = LazyImages(parts[0][0].files + parts[1][0].files)
+        return _truncate(images, np.concatenate([parts[0][1], parts[1][1]]), max_images)
     if split not in IMAGENET_SPLITS:
         raise ValueError(f"ImageNet split must be one of {IMAGENET_SPLITS}, got {split!r}")
     root = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
@@ -485,6 +505,9 @@ def load_imagenet(path: str, *, split: str = "train", max_images: int | None = N
 FIXTURE_SIZE = 32
 FIXTURE_CLASSES = 10
 FIXTURE_DEFAULT_IMAGES = 256
+# The fixture's "official" test images are the last quarter of its pool, so that `split: official` configs
+# rehearse on it (CIFAR-10's test_batch is the last sixth of its pool; a quarter leaves a rehearsal more test images).
+FIXTURE_TEST_FRACTION = 0.25
 
 
 def load_fixture(path: str, *, max_images: int | None = None, num_classes: int = FIXTURE_CLASSES,
@@ -534,6 +557,143 @@ SOURCES: dict[str, Callable[..., tuple[Any, np.ndarray | None]]] = {
     "imagenet": load_imagenet,
     "fixture": load_fixture,
 }
+
+
+# ----------------------------------------------------------------------------------------------------
+# official splits: which pool images are the data set's own test / validation images
+# ----------------------------------------------------------------------------------------------------
+
+# `datasets.<key>.split`: "shuffle" (paper 004 A.2: the whole pool shuffled, the test set its first test_size images)
+# or "official" (the test set from the source's official test/validation images only, training from the others).
+DATASET_SPLITS = ("shuffle", "official")
+CELEBA_PARTITION_FILE = "list_eval_partition.txt"
+_NPZ_TEST_KEY = "is_test"
+
+
+def official_split_problem(source: str, loader_kwargs: dict | None = None, test_path: str | None = None) -> str | None:
+    """Why a source, read with these loader arguments, cannot give an official split (None: it can, or only the
+    files can tell). Checked without touching the data, when the DAG is built. A ``test_path`` (the official test
+    images in a second folder, e.g. LSUN's ``*_val`` export) gives any source one."""
+    kw = dict(loader_kwargs or {})
+    if test_path:
+        return None
+    if source in ("lsun", "image_folder"):
+        return (f"source {source!r} has no official test split in the layout read here (one folder of images); "
+                "name the folder of its test images as test_path, use split: shuffle, or an npz with an is_test array")
+    if source == "fashion_mnist" and "t10k" not in kw.get("splits", ("train", "t10k")):
+        return "loader_kwargs.splits leaves out t10k, the official test images"
+    if source == "imagenet32" and not kw.get("include_val", True):
+        return "loader_kwargs.include_val: false leaves out val_data.npz, the official validation images"
+    if source == "imagenet" and kw.get("split", "train") != "train+val":
+        return "the imagenet source reads one folder; set loader_kwargs.split: train+val (val/ = the official test images)"
+    return None
+
+
+def _celeba_partition(path: str) -> dict[str, int]:
+    """CelebA's official partition (``list_eval_partition.txt``: ``<file> <0 train | 1 val | 2 test>``), found in the
+    image folder or its parent (the usual ``celeba/img_align_celeba/`` + ``celeba/list_eval_partition.txt``)."""
+    for folder in (path, os.path.dirname(os.path.normpath(path))):
+        f = os.path.join(folder, CELEBA_PARTITION_FILE)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                return {name: int(part) for name, part in (line.split() for line in fh if line.strip())}
+    raise FileNotFoundError(f"no {CELEBA_PARTITION_FILE} in {path} or its parent (CelebA's official partition)")
+
+
+def official_test_mask(source: str, path: str | None, *, max_images: int | None = None, test_path: str | None = None,
+                       **loader_kwargs) -> np.ndarray | None:
+    """A boolean mask over the source's pool (in its loader's order, capped at ``max_images``): True for the data set's
+    official test or validation images. None when the source's layout has no official split.
+
+    - ``cifar10``: ``test_batch`` (the last 10,000 of 60,000);
+    - ``fashion_mnist``: ``t10k`` (the last 10,000 of 70,000 with the default splits);
+    - ``imagenet32``: ``val_data.npz`` (50,000 after the training batches);
+    - ``imagenet`` with ``split: train+val``: the ``val/`` images;
+    - ``celeba``: partitions 1 (validation) and 2 (test) of ``list_eval_partition.txt``: the official training
+      partition is the only one trained on;
+    - ``npz``: the file's ``is_test`` array, when it has one;
+    - ``fixture``: the last quarter of the pool (so that rehearsals exercise the official split);
+    - any source with a ``test_path``: the images there, appended after the others (:func:`source_pool`).
+
+    Reads headers and file lists only (CelebA: the partition file), never the images.
+    """
+    kw = dict(loader_kwargs)
+    if test_path:
+        pool = source_pool({"source": source, "path": path, "test_path": test_path, "max_images": max_images,
+                            "loader_kwargs": kw})
+        return np.arange(len(pool.images)) >= pool.test_start
+    if official_split_problem(source, kw) is not None:
+        return None
+    if source == "fashion_mnist":
+        root = resolve_fashion_mnist_path(path)
+        splits = kw.get("splits", ("train", "t10k"))
+        parts = [np.full(_idx_count(_find_idx(root, f"{s}-images-idx3-ubyte")), s == "t10k") for s in splits]
+        mask = np.concatenate(parts) if parts else np.zeros(0, bool)
+    elif source == "cifar10":  # the batches are read (pickles hold no header): prepare_data reads them anyway
+        counts = [len(images) for images, _ in _cifar10_batches(path)]
+        mask = np.repeat(np.array([b == "test_batch" for b in _CIFAR_BATCHES]), counts)
+    elif source == "imagenet32":
+        files = sorted((f for f in os.listdir(path) if re.fullmatch(r"train_data_batch_\d+\.npz", f)),
+                       key=lambda f: int(re.search(r"(\d+)\.npz$", f).group(1)))
+        val = os.path.exists(os.path.join(path, "val_data.npz")) and kw.get("include_val", True)
+        counts = [_npz_shapes(os.path.join(path, f))["data"][0] for f in files]
+        mask = np.concatenate([np.zeros(sum(counts), bool)]
+                              + ([np.ones(_npz_shapes(os.path.join(path, "val_data.npz"))["data"][0], bool)] if val else []))
+    elif source == "imagenet":
+        n_train = len(load_imagenet(path, split="train")[0])
+        n_val = len(load_imagenet(path, split="val")[0])
+        mask = np.concatenate([np.zeros(n_train, bool), np.ones(n_val, bool)])
+    elif source == "celeba":
+        try:
+            partition = _celeba_partition(path)
+        except FileNotFoundError:
+            return None
+        files = load_image_folder(path)[0].files
+        unknown = [f for f in files if os.path.basename(f) not in partition]
+        if unknown:
+            raise ValueError(f"{len(unknown)} images of {path} are not in {CELEBA_PARTITION_FILE} (e.g. {unknown[0]})")
+        mask = np.array([partition[os.path.basename(f)] != 0 for f in files], dtype=bool)
+    elif source == "npz":
+        with np.load(path, allow_pickle=False) as d:
+            if _NPZ_TEST_KEY not in d.files:
+                return None
+            mask = np.asarray(d[_NPZ_TEST_KEY], dtype=bool).reshape(-1)
+    elif source == "fixture":
+        count = FIXTURE_DEFAULT_IMAGES if max_images is None else int(max_images)
+        mask = np.arange(count) >= count - int(round(count * FIXTURE_TEST_FRACTION))
+    else:
+        return None
+    if source == "imagenet32" and not mask.any():  # no val_data.npz in the folder
+        return None
+    return mask if max_images is None else mask[: int(max_images)]
+
+
+def prepared_test_mask(path: str) -> np.ndarray | None:
+    """The official test mask stored in a prepared pool (:func:`prepare_dataset`), or None: the source has no
+    official split, or the pool was prepared before masks were stored."""
+    with np.load(path, allow_pickle=False) as d:
+        return np.asarray(d[_NPZ_TEST_KEY], dtype=bool) if _NPZ_TEST_KEY in d.files else None
+
+
+def run_test_mask(spec: dict, data_path: str) -> np.ndarray | None:
+    """The ``is_test`` argument of :func:`run_split` for a run: the prepared pool's official test mask when the run's
+    data set says ``split: official``, else None (paper 004's protocol over the whole pool). The one place training,
+    :class:`diffbias.runs.TrainedRun` and the shared inputs decide it."""
+    if spec["dataset"].get("split", "shuffle") != "official":
+        return None
+    data_path = str(data_path)
+    if os.path.isdir(data_path) or os.path.basename(data_path) == "meta.json":
+        # a latent cache (its folder or its meta.json) keeps the mask of the pool it encodes beside its shards
+        mask_file = os.path.join(data_path if os.path.isdir(data_path) else os.path.dirname(data_path),
+                                 f"{_NPZ_TEST_KEY}.npy")
+        if not os.path.isfile(mask_file):
+            raise ValueError(f"{data_path}: the data set uses split: official but the latent cache has no {_NPZ_TEST_KEY}.npy")
+        return np.load(mask_file).astype(bool)
+    mask = prepared_test_mask(data_path)
+    if mask is None:
+        raise ValueError(f"{data_path}: the data set uses split: official but the prepared pool holds no official test "
+                         f"mask (prepared before masks were stored?): delete it and prepare it again")
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -751,17 +911,12 @@ def load_pool(
 @dataclass
 class SourcePool:
     """The images of a data-set spec as its loader returns them (not yet resized), with their labels, the path read
-    and, when the spec names a ``test_path``, where the official test images start (they follow the others)."""
+    and, when the spec names a ``test_path``, where its images start (they follow the others)."""
 
     images: Any
     labels: np.ndarray | None
     path: str | None
-    test_start: int | None = None
-
-    @property
-    def official_test(self) -> list[int] | None:
-        """``[start, stop)`` of the official test images in the pool, or None."""
-        return None if self.test_start is None else [self.test_start, len(self.images)]
+    test_start: int | None = None  # index of the first image of test_path
 
 
 def _concat_images(a, b):
@@ -787,11 +942,11 @@ def source_pool(spec: dict) -> SourcePool:
     array sources, a lazy :class:`LazyImages` for image folders (nothing is read until indexed, so a 1.28M-image
     ImageNet costs only its file list).
 
-    ``test_path``: a second location of the same source holding the data set's official test images (ImageNet's
-    ``val``, LSUN's ``*_val`` export). They are appended after the ``max_images`` first images of ``path`` and marked
-    as official test images (:attr:`SourcePool.official_test`): the run's test set is drawn from them and training
-    never sees them (:func:`split_indices`' ``is_test``). Labelled folder sources must have the same class folders
-    in both places, or the labels would disagree."""
+    ``test_path``: a second location of the same source holding the data set's official test images (LSUN's
+    ``*_val`` export). They are appended after the ``max_images`` first images of ``path``; :func:`official_test_mask`
+    marks them, so that with ``split: official`` the run's test set is drawn from them and training never sees them
+    (:func:`split_indices`' ``is_test``). Labelled folder sources must have the same class folders in both places, or
+    the labels would disagree."""
     source, path = spec["source"], spec.get("path")
     if source not in SOURCES:
         raise KeyError(f"unknown data source {source!r}; known: {sorted(SOURCES)}")
@@ -830,17 +985,6 @@ def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
     what :func:`load_pool` would hold."""
     pool = source_pool(spec)
     return pool.images, pool.labels, pool.path
-
-
-def official_test_mask(meta: dict, count: int) -> np.ndarray | None:
-    """The pool's official test images as a boolean mask (``meta["official_test"]`` = ``[start, stop)``, written by
-    :func:`prepare_dataset` and the latent cache when the data set has a ``test_path``), or None."""
-    span = meta.get("official_test")
-    if span is None:
-        return None
-    mask = np.zeros(int(count), dtype=bool)
-    mask[int(span[0]):int(span[1])] = True
-    return mask
 
 
 class PixelImages:
@@ -885,12 +1029,13 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     ``spec`` keys: ``source`` (a key of :data:`SOURCES`), ``path`` (optional for ``fashion_mnist``,
     default :data:`DEFAULT_FASHION_MNIST_PATH`), ``resolution``, ``channels`` (1 or 3), ``max_images``
     (optional: keep the first ``max_images`` images in file order, before any shuffling; the split is
-    drawn later from this capped pool), ``test_path`` (optional: the official test images, appended after the
-    others and marked as ``meta["official_test"]``, see :func:`source_pool`) and ``loader_kwargs`` (optional dict
-    for the loader). Other keys are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when
-    the source has none) and ``meta`` (a JSON string: source, path, resolution, channels, count, ..., and
-    ``config_entry``, ``spec`` itself: the DAG build skips checking the source of a pool prepared from exactly the
-    config entry it would prepare it from again, :func:`diffbias.config.check_datasets`). It is written to
+    drawn later from this capped pool), ``test_path`` (optional: the official test images in a second folder,
+    appended after the others, :func:`source_pool`) and ``loader_kwargs`` (optional dict for the loader). Other keys
+    are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has none),
+    ``meta`` (a JSON string: source, path, resolution, channels, count, ..., and ``config_entry``, ``spec`` itself:
+    the DAG build skips checking the source of a pool prepared from exactly the config entry it would prepare it from
+    again, :func:`diffbias.config.check_datasets`) and, when the source ships an official split (or has a
+    ``test_path``), ``is_test`` (bool, :func:`official_test_mask`; pools prepared without it still load). It is written to
     a temporary file in the same directory and moved into place (:func:`diffbias.io.atomic_path`), so
     readers never see a partial file; it gets a normal file's mode, like every other output.
     """
@@ -903,12 +1048,11 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         path = resolve_fashion_mnist_path(path)  # the folder actually read goes into the meta
     max_images = spec.get("max_images")
     loader_kwargs = dict(spec.get("loader_kwargs") or {})
-    official_test = None
     if spec.get("test_path"):  # the official test images follow the others (source_pool)
         pool = source_pool({**spec, "path": path})
         convert = _convert_array if isinstance(pool.images, np.ndarray) else _convert_pils
         images = convert(pool.images, int(spec["resolution"]), int(spec["channels"]))
-        labels, official_test = pool.labels, pool.official_test
+        labels = pool.labels
     else:
         images, labels = load_pool(
             source, path, resolution=int(spec["resolution"]), channels=int(spec["channels"]),
@@ -929,13 +1073,19 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         "resize": "ADM centre crop: BOX halving, BICUBIC, centre crop (PIL)",
         "config_entry": json.loads(json.dumps(spec, default=str)),  # as the rule passed it (JSON)
     }
-    if official_test is not None:  # only then: pools without a test_path keep their bytes
-        meta.update(test_path=spec["test_path"], official_test=official_test)
     if not has_labels:
         labels = np.full(len(images), -1, dtype=np.int64)
+    extra = {}
+    is_test = official_test_mask(source, path, max_images=None if max_images is None else int(max_images),
+                                 test_path=spec.get("test_path"), **loader_kwargs)
+    if is_test is not None:  # stored whatever the config's split, so that switching to split: official needs no re-read
+        if len(is_test) != len(images):
+            raise ValueError(f"{source} at {path}: official test mask of {len(is_test)} images, pool of {len(images)}")
+        extra[_NPZ_TEST_KEY] = is_test
+        meta["official_test_images"] = int(is_test.sum())
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
-            np.savez(f, images=images, labels=labels, meta=np.array(json.dumps(meta)))
+            np.savez(f, images=images, labels=labels, meta=np.array(json.dumps(meta)), **extra)
 
 
 def load_prepared(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:

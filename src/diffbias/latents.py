@@ -11,6 +11,8 @@ Seeds 002/003 and DiT train on Stable Diffusion VAE latents; fast-DiT showed tha
   ``shards/latents-00000.npy`` ...    float16 ``(n, 4, h, w)``: images ``[k*S, min((k+1)*S, count))`` of shard k
   ``shards/hflip-00000.npy`` ...      the latents of the mirrored images (only with ``latents.hflip``)
   ``labels.npy``                      int64 ``(count,)``, -1 when the source has no labels
+  ``is_test.npy``                     bool ``(count,)``: the pool's official test images (data.official_test_mask),
+                                      when the source has an official split or the spec a ``test_path``
   ``meta.json``                       written last: the cache is complete exactly when it exists
 
 Every file is written to a temporary name and renamed (:func:`diffbias.io.atomic_path`), so a kill leaves only
@@ -212,6 +214,15 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
         _progress(done, count, started, skipped)
     has_labels = labels is not None
     label_arr = labels if has_labels else np.full(count, -1, dtype=np.int64)
+    # the official test mask, stored whatever the config's split (as prepare_dataset does); data.run_test_mask reads it
+    is_test = data_lib.official_test_mask(spec["source"], path_read, max_images=spec.get("max_images"),
+                                          test_path=spec.get("test_path"), **dict(spec.get("loader_kwargs") or {}))
+    if is_test is not None:
+        if len(is_test) != count:
+            raise ValueError(f"{path_read}: official test mask of {len(is_test)} images, pool of {count}")
+        with atomic_path(out / "is_test.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, is_test.astype(bool))
     with atomic_path(out / "labels.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, label_arr.astype(np.int64))
@@ -222,9 +233,8 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
         "shards": [{"start": lo, "stop": hi, **{kind: str(_shard_file(out, kind, k).relative_to(out)) for kind in kinds}}
                    for k, (lo, hi) in enumerate(ranges)],
         "encoded_images_per_s": None if done == skipped else round((done - skipped) / (time.monotonic() - started), 2),
+        "official_test_images": None if is_test is None else int(is_test.sum()),
     }
-    if source.official_test is not None:  # the images of spec["test_path"], after the others (data.source_pool)
-        meta["official_test"] = source.official_test
     write_json(meta, out / META)  # last: its presence is what makes the cache complete
     return meta
 
@@ -244,6 +254,7 @@ def _start_or_resume(out: Path, plan: dict) -> None:
         log.warning("%s holds shards of another plan (spec, autoencoder, shard or batch size): starting afresh", out)
     shutil.rmtree(out / "shards", ignore_errors=True)
     (out / "labels.npy").unlink(missing_ok=True)
+    (out / "is_test.npy").unlink(missing_ok=True)
     write_json(plan, plan_file)
 
 
@@ -298,8 +309,10 @@ class LatentPool:
 
     @property
     def is_test(self) -> np.ndarray | None:
-        """The official test images (the data set's ``test_path``) as a mask over the pool, or None."""
-        return data_lib.official_test_mask(self.meta, self.count)
+        """The pool's official test images as a mask (``is_test.npy``), or None when the source has no official split.
+        Whether a run uses it is the data set's ``split`` (data.run_test_mask)."""
+        f = self.root / "is_test.npy"
+        return np.load(f).astype(bool) if f.is_file() else None
 
     @property
     def spec(self) -> dict:

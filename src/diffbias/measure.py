@@ -43,7 +43,7 @@ def measure(name: str, *, model: str, data: str, out: str, arrays_out: str | Non
 
 
 def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: int, config: str | dict, out: str,
-                       device: str = "auto", threads: int | None = None) -> None:
+                       split: str = "shuffle", device: str = "auto", threads: int | None = None) -> None:
     """One shared input (e.g. the FID reference features) of the runs with this (dataset, N, seed)."""
     from . import data as data_lib
     from .config import section_settings
@@ -59,11 +59,10 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
         from .runs import latent_pixels
 
         pool = LatentPool(data)
-        images, labels, is_test = latent_pixels(pool), pool.labels, pool.is_test
+        images, labels = latent_pixels(pool), pool.labels
     else:
-        images, labels, meta = data_lib.load_prepared(data)
-        is_test = data_lib.official_test_mask(meta, len(images))
-    split = data_lib.run_split(len(images), {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size}},
-                               is_test)
-    arrays = shared.build(images, labels, split, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)
+        images, labels, _ = data_lib.load_prepared(data)
+    spec = {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size, "split": split}}
+    split_idx = data_lib.run_split(len(images), spec, data_lib.run_test_mask(spec, data))
+    arrays = shared.build(images, labels, split_idx, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)
     write_npz(out, **arrays)

@@ -27,8 +27,9 @@ PATTERNS = {
     "study_arrays": "{results}/studies/{study}/arrays/{measurement}.npz",
     "logs": "{results}/logs",
 }
-# Tables every study has besides its measurements': the training log (rule aggregate_study) and the models' counts.
-STUDY_TABLES = ("train_log", "counts")
+# Tables every study has besides its measurements': the training log (rule aggregate_study) and the models' counts
+# (rule counts: at the study's input, and at other input sizes).
+STUDY_TABLES = ("train_log", "counts", "counts_by_length")
 # SLURM job groups: small trainings (N <= SMALL_TRAIN_N, a time budget resources.train.runtime of at most
 # SMALL_TRAIN_MINUTES) are bundled into "train_small" group jobs; long ones stay single jobs, since a group asks for
 # the sum of its members' runtimes and a failed group job reruns its finished members too.
@@ -219,6 +220,20 @@ def runtime_minutes(config: dict, name: str, run: RunKey) -> float:
     return base * (units(run_spec(config, run), instance_settings(config, name)) if units else 1)
 
 
+def data_spec(config: dict, dataset: str) -> dict:
+    """A data set's entry as its prepare and encode jobs receive it: ``split: shuffle`` (the default) left out, so that
+    stating it does not rerun them; ``split: official`` kept (a pool prepared before masks were stored is rebuilt)."""
+    spec = dict(config["datasets"][dataset])
+    if spec.get("split") == "shuffle":
+        del spec["split"]
+    return spec
+
+
+def dataset_split(config: dict, dataset: str) -> str:
+    """``shuffle`` or ``official``: how the runs of a data set split its pool (data.run_test_mask)."""
+    return config["datasets"][dataset].get("split", "shuffle")
+
+
 def shared_settings(config: dict, shared: str) -> dict:
     return dict(config["evaluation"][measurements.SHARED_INPUTS[shared].config_key])
 
@@ -304,8 +319,21 @@ def study_arrays(config: dict, study: str) -> dict[str, ArrayPack]:
     return packs
 
 
+def study_pca_bases(config: dict, study: str) -> dict[str, str]:
+    """The attention PCA basis each PCA-attention variant of the study trains from (paper 004 app. C), the one of its
+    first run (first data set, N and seed): the report draws it (fig. 13)."""
+    s = config["studies"][study]
+    out = {}
+    for v in s["variants"]:
+        pca = config["variants"][v].get("pca_from")
+        if pca:
+            out[v] = pca_basis_path(config["results_dir"], RunKey(study_datasets(s)[0], v, s["N"][0], s["seeds"][0]), pca)
+    return out
+
+
 def report_inputs(config: dict, study: str) -> dict[str, str]:
-    return study_tables(config, study) | {f"arrays_{n}": p.out for n, p in study_arrays(config, study).items()}
+    return (study_tables(config, study) | {f"arrays_{n}": p.out for n, p in study_arrays(config, study).items()}
+            | {f"pca_basis_{v}": p for v, p in study_pca_bases(config, study).items()})
 
 
 def _papers(paper) -> list[str]:
@@ -321,8 +349,10 @@ def study_description(config: dict, study: str) -> dict:
     specs = {}
     for v in s["variants"]:
         cls, options = _backbone(config, v)
-        conditional = _training(config, v).get("class_conditional")  # the label table counts in its parameters
+        training = _training(config, v)
+        conditional = training.get("class_conditional")  # the label table counts in its parameters
         specs[v] = {"backbone": cls.backbone_name, "preset": config["variants"][v].get("preset"), "options": options,
+                    "steps": training.get("steps"), "batch_size": training.get("batch_size"),
                     "num_classes": KNOWN_NUM_CLASSES.get(config["datasets"][datasets[0]]["source"], 10) if conditional else 0}
     mine = study_instances(config, study)
     return {
@@ -336,6 +366,7 @@ def study_description(config: dict, study: str) -> dict:
         "datasets": datasets,
         "N": s["N"],
         "seeds": s["seeds"],
+        "count_sides": s.get("count_sides", []),
         "labels": {v: variant_label(config, v) for v in s["variants"]},
         "variant_specs": specs,
         "dataset_specs": {d: config["datasets"][d] for d in datasets},
@@ -343,4 +374,5 @@ def study_description(config: dict, study: str) -> dict:
         "settings": {name: settings(config, inst.measurement, inst.study) for name, inst in mine.items()
                      if measured_runs(config, study, inst)},
         "switched_off": switched_off(config, study),
+        "pca_bases": study_pca_bases(config, study),
     }

@@ -101,11 +101,17 @@ def section_overview(ctx: dict) -> None:
 
 
 @section("Model cost: parameters, GFLOPs, throughput", {"002": "table 2 (static metrics)", "000": "table 2 (FLOPs)",
-                                                         "003": "table 1 (GFLOPs column)"}, needs=("counts",))
+                                                         "003": "table 1 (total images and total GFLOPs columns)"},
+         needs=("counts",))
 def section_costs(ctx: dict) -> None:
     counts = ctx["counts"]
     per = counts[["variant", "params", "gmacs"]].copy()
     per["params (M)"] = per.pop("params") / 1e6
+    # paper 003 table 1: total images = training steps x batch size, total GFLOPs = total images x GFLOPs per image
+    specs = ctx["study"].get("variant_specs", {})
+    images = per["variant"].map(lambda v: (specs.get(v, {}).get("steps") or 0) * (specs.get(v, {}).get("batch_size") or 0))
+    per["total images (M)"] = images / 1e6
+    per["total GFLOPs"] = images * per["gmacs"]
     per = per.rename(columns={"gmacs": "GFLOPs"})
     log = ctx.get("train_log")
     if log is not None and len(log):
@@ -123,9 +129,12 @@ def section_costs(ctx: dict) -> None:
     write_table(ctx, "cost", per, ".3f")
     memory = log["memory_kind"].iloc[0] if log is not None and "memory_kind" in log and len(log) else "n/a"
     ctx["pdf"].table("Parameters, FLOPs and throughput", frame_table(
-        per, formats={"params (M)": ".3f", "GFLOPs": ".4f", "train_img_s": ".1f", "peak_mem_mb": ".0f", "sample_img_s": ".2f"}),
+        per, formats={"params (M)": ".3f", "GFLOPs": ".4f", "total images (M)": ".4g", "total GFLOPs": ".3g",
+                      "train_img_s": ".1f", "peak_mem_mb": ".0f", "sample_img_s": ".2f"}),
         caption=f"GFLOPs: multiply-accumulates per image as fvcore counts them (handles for fused/local attention, "
                 f"masks, FFTs, the DICE signal function) at the input of {ctx['study'].get('count_dataset', 'the study')}. "
+                "Total images = training steps x batch size, total GFLOPs = total images x GFLOPs per image (paper 003 "
+                "table 1's columns). "
                 f"Training images/s: median over runs of the last logged interval; peak memory: {memory}; "
                 "sampling images/s: median over the FID runs.")
     published = [f"{display(ctx, r.variant)}: {r.published}" for r in counts.itertuples() if getattr(r, "published", "")]
@@ -134,6 +143,27 @@ def section_costs(ctx: dict) -> None:
             "Ours at the published input (source [convention, input]: published (ours)); conventions: diffbias = the "
             "above (the DiT paper's), fvcore-as-shipped = fvcore without handles, torchinfo-mult-adds = conv params x "
             "positions + other params once:", *published])
+
+
+@section("GFLOPs against sequence length", {"003": "fig. 3 (GFLOPs per image of each architecture as the sequence "
+         "grows; here the study's own architectures, counted at the input sides of studies.<s>.count_sides)"})
+def section_flops_vs_length(ctx: dict) -> None:
+    pyplot, table = plt(), ctx.get("counts_by_length")
+    if table is None or table.empty:
+        raise NotApplicable("studies.<s>.count_sides is not set")
+    fig, ax = pyplot.subplots(figsize=(5.5, 3.6))
+    for variant in dict.fromkeys(table["variant"]):
+        sub = table[table["variant"] == variant].sort_values("seq_len")
+        ax.plot(sub["seq_len"], sub["gmacs"], marker="o", ms=3, label=display(ctx, variant))
+    ax.set_xscale("log", base=2), ax.set_yscale("log")
+    ax.set_xlabel("sequence length before patching (input side², latent or pixel positions)")
+    ax.set_ylabel("GFLOPs per image (fvcore MACs)")
+    ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle("How each architecture's cost grows with the sequence (paper 003 fig. 3: patching keeps DiT's "
+                 "attention affordable; DiffuSSM grows linearly)", fontsize=8)
+    save_figure(ctx, fig, "flops_vs_length")
+    write_table(ctx, "flops_vs_length", table.assign(model=table["variant"].map(lambda v: display(ctx, v)))
+                [["model", "side", "seq_len", "tokens", "gmacs"]], ".4g")
 
 
 @section("Training loss and throughput", "diagnostics (no paper figure)", needs=("train_log",))
@@ -154,7 +184,7 @@ def section_loss_curves(ctx: dict) -> None:
 def sections() -> list[Callable[[dict], None]]:
     """Every section in report order: the overview, each measurement's (registry order), then cost and training."""
     return [section_overview, *(s for m in measurements.load().values() for s in m.sections),
-            section_costs, section_loss_curves]
+            section_costs, section_flops_vs_length, section_loss_curves]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,9 +206,11 @@ def build_report(study: dict, study_dir: str | Path, out: str | Path, figures_di
         "blocks": analysis.variant_blocks(study),
         "arrays": {},
         "out": out,
+        # attention PCA bases of the study's PCA-attention variants (paper 004 fig. 13), declared report inputs
+        "pca_bases": {v: p for v, p in (study.get("pca_bases") or {}).items() if Path(p).exists()},
     }
     registry = measurements.load()
-    for table in ("train_log", "counts", *registry):
+    for table in ("train_log", "counts", "counts_by_length", *registry):
         if (study_dir / f"{table}.parquet").exists():
             ctx[table] = pd.read_parquet(study_dir / f"{table}.parquet")
     packs = []  # kept open while the sections draw: arrays are read from them on use

@@ -85,7 +85,7 @@ class TrainedRun:
         self.model, self.checkpoint, self.device = model, checkpoint, device
         # the whole pool: uint8 (P, C, H, W) pixels, or a latents.LatentPool (float16 rows); int64 labels (P,)
         self.images, self.labels = images, labels
-        self.is_test = is_test  # the pool's official test images (the data set's test_path), or None
+        self.is_test = is_test  # official test images of the pool when the data set uses split: official
         self.threads = threads  # CPU threads of the job (torch and BLAS), for steps that set their own
         self.inputs = dict(inputs or {})  # a measurement's needs: "snapshots", "shared:<name>", "table:<name>" -> path
 
@@ -98,13 +98,13 @@ class TrainedRun:
         model, ckpt = load_trained(model_path, dev)
         if is_latent_cache(data_path):
             images = LatentPool(data_path)
-            labels, is_test = images.labels, images.is_test
+            labels = images.labels
         else:
-            images, labels, meta = data_lib.load_prepared(str(data_path))
-            is_test = data_lib.official_test_mask(meta, len(images))
+            images, labels, _ = data_lib.load_prepared(str(data_path))
         if ckpt.get("num_classes", 0) and labels is None:
             raise ValueError(f"{model_path} is class-conditional but {data_path} has no labels")
-        return cls(model, ckpt, images, labels, dev, threads, inputs, is_test)
+        return cls(model, ckpt, images, labels, dev, threads, inputs,
+                   is_test=data_lib.run_test_mask(ckpt["spec"], str(data_path)))
 
     # -- what the run is ------------------------------------------------------------------------------------
     @property

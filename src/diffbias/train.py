@@ -193,11 +193,11 @@ class Trainer:
         self.latent_pool = None
         if is_latent_cache(data_path):
             pool = self.latent_pool = LatentPool(data_path)
-            labels, pool_size, is_test = pool.labels, len(pool), pool.is_test
+            labels, pool_size = pool.labels, len(pool)
         else:
             images, labels, meta = data_lib.load_prepared(data_path)
-            pool_size, is_test = len(images), data_lib.official_test_mask(meta, len(images))
-        train_idx, _ = data_lib.run_split(pool_size, spec, is_test)
+            pool_size = len(images)
+        train_idx, _ = data_lib.run_split(pool_size, spec, data_lib.run_test_mask(spec, str(data_path)))
         self.x_twin = None  # latents of the mirrored images (latent data with training.hflip)
         if self.latent_pool is None:
             self.x_train = data_lib.to_model_range(images[train_idx]).to(self.device)  # small data sets live on the device

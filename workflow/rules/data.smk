@@ -2,12 +2,11 @@
 from diffbias.latents import cache_spec
 
 
-
 rule prepare_data:
     output:
         DATA,
     params:
-        spec=lambda wc: as_json(CFG["datasets"][wc.dataset]),
+        spec=lambda wc: as_json(plan.data_spec(CFG, wc.dataset)),
     conda:
         "../envs/diffbias.yaml"
     log:
@@ -27,6 +26,7 @@ rule encode_latents:
     output:
         plan.pattern("latents", R),
     params:
+        # the keys that decide the latents (no split, test_size, pool_size: editing them re-encodes nothing)
         spec=lambda wc: json.dumps(cache_spec(CFG["datasets"][wc.dataset]), sort_keys=True),
         out=lambda wc: f"{R}/latents/{wc.dataset}",
         device=CFG["device"],

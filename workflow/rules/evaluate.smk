@@ -54,6 +54,7 @@ rule shared_input:
     params:
         cfg=lambda wc: as_json(plan.shared_settings(CFG, wc.shared)),
         test_size=lambda wc: CFG["datasets"][wc.dataset]["test_size"],
+        split=lambda wc: plan.dataset_split(CFG, wc.dataset),
         device=CFG["device"],
     wildcard_constraints:
         shared=alternatives(measurements.SHARED_INPUTS),
@@ -69,7 +70,7 @@ rule shared_input:
         f"{LOGS}/shared/{{shared}}/{{dataset}}/N{{n}}/seed{{seed}}.log",
     shell:
         "python -m diffbias shared-input {wildcards.shared} --data {input.data} --n {wildcards.n} "
-        "--seed {wildcards.seed} --test-size {params.test_size} --config {params.cfg:q} --out {output} "
+        "--seed {wildcards.seed} --test-size {params.test_size} --split {params.split} --config {params.cfg:q} --out {output} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
@@ -94,6 +95,7 @@ rule counts:
     output:
         counts=plan.pattern("study_table", R).replace("{table}", "counts"),
         ops=plan.pattern("study_table", R).replace("{table}", "counts_by_operator"),
+        lengths=plan.pattern("study_table", R).replace("{table}", "counts_by_length"),
     params:
         study=study_json,
     conda:
@@ -101,4 +103,5 @@ rule counts:
     log:
         f"{LOGS}/counts/{{study}}.log",
     shell:
-        "python -m diffbias counts --study {params.study:q} --out {output.counts} --ops-out {output.ops} > {log} 2>&1"
+        "python -m diffbias counts --study {params.study:q} --out {output.counts} --ops-out {output.ops} "
+        "--length-out {output.lengths} > {log} 2>&1"

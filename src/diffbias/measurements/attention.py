@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import analysis
-from ..sections import (NotMeasured, by_variant_then_n, datasets, display, first_runs, plt, save_figure, section,
+from ..sections import (NotApplicable, NotMeasured, by_variant_then_n, datasets, display, first_runs, plt, save_figure, section,
                         variants)
 from . import Cost, Measurement, Result, register_measurement
 
@@ -51,7 +51,7 @@ def rehearse(cfg: dict, r: dict) -> None:
 def section_attention(ctx: dict) -> None:
     import torch
 
-    from ..metrics.attention_maps import plot_attention_maps
+    from ..metrics.attention_maps import LOG_DECADES, plot_attention_maps
 
     pyplot, att = plt(), ctx["attention"]
     packed = ctx["arrays"].get("attention") or {}
@@ -80,9 +80,9 @@ def section_attention(ctx: dict) -> None:
             fig.suptitle(f"{d}, {display(ctx, v)}: attention maps across N (image 0, normalised, colour map on [0, 0.1])",
                          fontsize=9)
             save_figure(ctx, fig, f"attention_maps_{d}_{v}")
-        baselines = {b.baseline for b in ctx["blocks"] if b.baseline} or {runs[0][0].variant}
-        for layer in FIGURE_LAYERS:  # figs. 9-11: six images at one layer of the baseline models, rows N
-            rows = [x for x in runs if f"layer{layer}" in x[1] and x[0].variant in baselines]
+        shown = figure_variants(ctx, runs)
+        for layer in FIGURE_LAYERS:  # figs. 9-11: six images at one layer of the DiT baseline(s), rows N
+            rows = [x for x in runs if f"layer{layer}" in x[1] and x[0].variant in shown]
             if not rows:
                 continue
             n_img = min(6, min(len(x[1][f"layer{layer}"]) for x in rows))
@@ -90,14 +90,58 @@ def section_attention(ctx: dict) -> None:
                                         squeeze=False)
             for i, (r, arrays, _, grid) in enumerate(rows):  # one call per row: the images take the layers' place
                 plot_attention_maps([torch.from_numpy(arrays[f"layer{layer}"][j].astype("float32")) for j in range(n_img)],
-                                    grid, axes=axes[i], titles=[f"image {j + 1}" for j in range(n_img)])
+                                    grid, axes=axes[i], titles=[f"image {j + 1}" for j in range(n_img)], scale="log")
                 axes[i][0].set_ylabel(f"{display(ctx, r.variant)}\nN={r.N}", fontsize=7)
             figure = 9 + FIGURE_LAYERS.index(layer)
-            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, baseline model(s) "
-                         f"(paper 004 fig. {figure})", fontsize=9)
+            fig.suptitle(f"{d}: attention maps of block {layer} for {n_img} images, log-normalised over "
+                         f"{LOG_DECADES} decades (paper 004 fig. {figure})", fontsize=9)
             save_figure(ctx, fig, f"attention_layer{layer}_{d}")
     if not drawn:
         raise NotMeasured("no attention-map arrays")
+
+
+def figure_variants(ctx: dict, runs: list) -> set[str]:
+    """Whose maps figs. 9-11 draw: the study's baselines; without one, the variants with a map at every figure layer
+    (the DiTs: a UNet has one attention layer), else every variant."""
+    baselines = {b.baseline for b in ctx["blocks"] if b.baseline}
+    if baselines:
+        return baselines
+    deep = {r.variant for r, arrays, *_ in runs if all(f"layer{k}" in arrays for k in FIGURE_LAYERS)}
+    return deep or {r.variant for r, *_ in runs}
+
+
+@section("Principal components of attention maps", {"004": "fig. 13 (PCs of the first layers' maps of the baseline "
+         "the PCA variant takes them from, log-normalised)"}, needs=("attention",))
+def section_attention_pcs(ctx: dict) -> None:
+    """The basis a PCA-attention variant trains from (rule pca_basis): per layer, its first principal components as
+    L x L maps, log-normalised as the paper draws them. Drawn from the basis file; no measurement recomputes it."""
+    import torch
+
+    from ..metrics.attention_maps import LOG_DECADES, log_normalise_for_display
+
+    bases = ctx.get("pca_bases") or {}
+    if not bases:
+        raise NotApplicable("no PCA-attention variant")
+    pyplot = plt()
+    for variant, path in bases.items():
+        basis = torch.load(path, map_location="cpu", weights_only=False)
+        layers = sorted(basis["components"])
+        shown = min(8, min(len(basis["components"][k]) for k in layers))
+        fig, axes = pyplot.subplots(len(layers), shown, figsize=(1.5 * shown + 0.6, 1.5 * len(layers) + 0.6),
+                                    squeeze=False)
+        for i, layer in enumerate(layers):
+            for j in range(shown):
+                ax = axes[i][j]
+                ax.imshow(log_normalise_for_display(basis["components"][layer][j]).numpy(), cmap="viridis", vmin=0,
+                          vmax=1, interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(f"PC {j + 1}", fontsize=7) if i == 0 else None
+            axes[i][0].set_ylabel(f"layer {layer}", fontsize=7)
+        src, req = basis.get("source", {}), basis.get("request", {})
+        fig.suptitle(f"{display(ctx, variant)}: attention PCs of {src.get('dataset')}/{src.get('variant')} N={src.get('N')} "
+                     f"seed {src.get('seed')} ({req.get('num_images')} images, timesteps {req.get('timesteps')} of "
+                     f"{req.get('respacing')}; log-normalised over {LOG_DECADES} decades)", fontsize=8)
+        save_figure(ctx, fig, f"attention_pcs_{variant}")
 
 
 @section("Attention locality per layer", "beyond the papers: attention mass within radius 1, mean distance and "
@@ -136,5 +180,5 @@ register_measurement(Measurement(
     preview_items=6,  # paper 004 figs. 9-11 draw six images; a map is L x L per layer (1024^2 at 32x32, patch 1)
     cost=cost,
     rehearse=rehearse,
-    sections=(section_attention, section_attention_locality),
+    sections=(section_attention, section_attention_pcs, section_attention_locality),
 ))

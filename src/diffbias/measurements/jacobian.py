@@ -60,7 +60,7 @@ def rehearse(cfg: dict, r: dict) -> None:
 
 
 @section("Jacobian eigenvectors and spectra", {"004": "fig. 3 (rows: models x N, columns: top eigenvectors) and "
-         "fig. 1 (b, c)"}, needs=("jacobian",))
+         "fig. 1 (b, c; (a) where a UNet sees one-channel data, at toy scale)"}, needs=("jacobian",))
 def section_jacobian(ctx: dict) -> None:
     import torch
 

@@ -152,6 +152,18 @@ def normalise_for_display(amap: Tensor) -> Tensor:
     return (amap - lo) / (hi - lo)
 
 
+# Paper 004 figs. 9-11 and 13 use "logarithm normalization" without a base or a floor: we take log10 of the
+# [0, 1]-normalised map over LOG_DECADES decades (values below 10^-LOG_DECADES clip) mapped back onto [0, 1].
+LOG_DECADES = 4
+
+
+def log_normalise_for_display(amap: Tensor, decades: int = LOG_DECADES) -> Tensor:
+    """The linear [0, 1] normalisation (:func:`normalise_for_display`) on a log scale: ``1 + log10(m) / decades``,
+    clipped to [0, 1], so the largest entry is 1 and entries 10^-decades of it or less are 0."""
+    m = normalise_for_display(amap)
+    return (1.0 + torch.log10(m.clamp_min(10.0 ** -decades)) / decades).clamp(0.0, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Locality metrics
 # ----------------------------------------------------------------------------------------------------
@@ -305,7 +317,8 @@ def plot_attention_maps(
     layers: Sequence[int] | None = None,
     *,
     image: int | None = 0,
-    vmax: float = 0.1,
+    vmax: float | None = None,
+    scale: str = "linear",
     cmap: str = "viridis",
     titles: Sequence[str] | None = None,
     axes=None,
@@ -316,8 +329,10 @@ def plot_attention_maps(
 
     maps_per_layer: as returned by :func:`attention_maps` (each (B, heads, L, L); (heads, L, L) and (L, L)
     also work). layers: 1-based indices into that list (default all). image: which batch element
-    (None: average over the batch). Each map is normalised to [0, 1] (:func:`normalise_for_display`) and
-    drawn with the colour map on [0, vmax] (values above clip), vmax = 0.1 as in the paper. The top-right
+    (None: average over the batch). ``scale="linear"`` (fig. 4): each map is normalised to [0, 1]
+    (:func:`normalise_for_display`) and drawn with the colour map on [0, vmax] (values above clip), vmax = 0.1 as
+    in the paper. ``scale="log"`` (figs. 9-11, "logarithm normalization"): :func:`log_normalise_for_display`, the
+    colour map on [0, vmax] with vmax = 1. The top-right
     inset is the row of the centre query token (H // 2, W // 2) of the normalised map reshaped to the
     H x W token grid, on the same colour scale, with the query outlined in red. ``grid``: the token grid
     (default: inferred as square from L). Returns the Figure; saves it to ``path`` when given.
@@ -325,6 +340,10 @@ def plot_attention_maps(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    if scale not in ("linear", "log"):
+        raise ValueError(f"scale must be 'linear' or 'log', got {scale!r}")
+    normalise = normalise_for_display if scale == "linear" else log_normalise_for_display
+    vmax = (0.1 if scale == "linear" else 1.0) if vmax is None else vmax
     layers = list(layers) if layers is not None else list(range(1, len(maps_per_layer) + 1))
     if axes is None:
         fig, axes = plt.subplots(1, len(layers), figsize=(panel_size * len(layers), panel_size + 0.3), squeeze=False)
@@ -337,7 +356,7 @@ def plot_attention_maps(
     for i, (ax, layer) in enumerate(zip(flat, layers)):
         m = _as_4d(maps_per_layer[layer - 1]).detach().float().cpu()
         m = m.mean(0) if image is None else m[image]
-        m = normalise_for_display(m.mean(0))  # heads averaged, then [0, 1]
+        m = normalise(m.mean(0))  # heads averaged, then [0, 1]
         L = m.shape[-1]
         (gh, gw), extra = (tuple(grid), L - grid[0] * grid[1]) if grid is not None else infer_grid(L)
         image_obj = ax.imshow(m.numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")

