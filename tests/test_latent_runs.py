@@ -108,21 +108,27 @@ def test_fid_of_decoded_samples_against_images_and_against_statistics(latent_run
     build_shared_input("fid_reference", data=str(tmp / "cache" / "meta.json"), n=16, seed=3, test_size=12,
                        config=settings, out=str(shared), device="cpu")
     with np.load(shared) as f:
-        features = f["features"]
+        features, spatial = f["features"], {"mu_s": f["mu_s"], "sigma_s": f["sigma_s"]}
     run = TrainedRun.load(tmp / "run" / "model.pt", tmp / "cache", "cpu")
     from diffbias.metrics.fid import inception_features
 
     real = run.reference_images("test", 8)
     assert np.allclose(features, inception_features(real[0:8]).numpy())  # the shared input read the real images
     save_fid_statistics(tmp_path / "stats.npz", torch.from_numpy(features))
+    with np.load(tmp_path / "stats.npz") as f:  # an ADM-style file: pool and spatial statistics
+        np.savez(tmp_path / "adm.npz", mu=f["mu"], sigma=f["sigma"], **spatial)
     common = dict(model=str(tmp / "run" / "model.pt"), data=str(tmp / "cache" / "meta.json"), device="cpu",
                   inputs={"shared:fid_reference": str(shared)})
     measure("fid", out=str(tmp_path / "a.parquet"), arrays_out=str(tmp_path / "a.npz"), config=settings, **common)
     measure("fid", out=str(tmp_path / "b.parquet"), arrays_out=str(tmp_path / "b.npz"),
             config={**settings, "reference_statistics": {"lat": str(tmp_path / "stats.npz")}}, **common)
-    a, b = pd.read_parquet(tmp_path / "a.parquet").iloc[0], pd.read_parquet(tmp_path / "b.parquet").iloc[0]
+    measure("fid", out=str(tmp_path / "c.parquet"), arrays_out=str(tmp_path / "c.npz"),
+            config={**settings, "reference_statistics": {"lat": str(tmp_path / "adm.npz")}}, **common)
+    a, b, c = (pd.read_parquet(tmp_path / f"{x}.parquet").iloc[0] for x in "abc")
     assert "fid_images" not in a and b["fid_images"] == a["fid"]
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-6) and b["fid_statistics"] == str(tmp_path / "stats.npz")
+    assert "sfid_images" not in b and c["sfid_images"] == a["sfid"]  # sFID against the file's mu_s, sigma_s
+    assert c["sfid"] == pytest.approx(a["sfid"], rel=1e-5) and c["fid"] == pytest.approx(a["fid"], rel=1e-6)
     samples = np.load(tmp_path / "a.npz")["samples"]
     assert samples.shape == (6, 3, RES, RES) and samples.dtype == np.uint8
 

@@ -375,7 +375,7 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     For each such data set: the path exists and has the layout its ``source`` loader reads (headers only,
     see :func:`diffbias.data.check_source`), and, where the files say how many images they hold, the
     count equals a configured ``pool_size`` and the pool (capped by ``max_images``) holds every study's
-    largest N plus ``test_size`` (with a ``test_path``: N at ``path``, ``test_size`` at ``test_path``). A data set
+    largest N plus ``test_size`` (a ``test_path``: its layout, and ``test_size`` images there). A data set
     is skipped only when its prepared pool ``<prepared_dir>/<key>.npz`` (a latent data set: its latent cache
     ``<prepared_dir>/../latents/<key>/meta.json``) exists and was made from exactly its current config entry
     (recorded in the pool's or cache's metadata): then no job reads its source. After any edit of the entry Snakemake
@@ -573,8 +573,8 @@ def apply_rehearsal(config: dict) -> dict:
     - Data: every data set becomes a ``fixture`` data set of the same name and channels (data.load_fixture:
       deterministic, structured, labelled) at one model input size that holds the largest attention window. A data
       set with ``latents`` stays latent: its fixture images are 8x that size and are encoded by the tiny SD-shaped
-      VAE of rule ``tiny_autoencoder`` (nothing downloaded); one with a ``test_path`` keeps official test images
-      (another fixture set).
+      VAE of rule ``tiny_autoencoder`` (nothing downloaded); ``split`` is kept (the fixture's last quarter is its
+      official test part).
     - Grid: per study the first ``max_seeds`` seeds and ``max_datasets`` data sets, ``max_N`` of its N (the
       smallest, the largest, then evenly between); the k-th smallest N left becomes ``N_values[k]`` everywhere
       it is named (studies, evaluation N lists, pca_from), so every comparison over N keeps its order.

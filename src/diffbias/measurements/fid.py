@@ -10,8 +10,9 @@ Latent runs (papers 002/003) are scored on decoded samples (``TrainedRun.sample`
 data set at its resolution, read and cropped from the source in chunks (ImageNet's 50k validation images at 256 are
 9.8 GB as pixels). ``reference_statistics`` maps a data set to a precomputed reference ``.npz`` (``mu``/``sigma``, as
 ADM's evaluator's ``VIRTUAL_imagenet256_labeled.npz``): FID is then taken against those statistics, so it compares
-with the papers' FID-50K, and the FID against the reference images is kept as ``fid_images``; KID and
-precision/recall stay against the reference images.
+with the papers' FID-50K, and the FID against the reference images is kept as ``fid_images`` (likewise sFID against
+the file's ``mu_s``/``sigma_s`` when it has them, ``sfid_images``); KID and precision/recall stay against the
+reference images.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def score(run, cfg: dict, reference, model=None, spatial_reference: dict | None 
     (metrics, samples, sampling seconds, metric seconds). sFID when ``spatial_reference`` is given, the Inception
     Score when the weights have the classifier (both NaN otherwise). With reference statistics for the run's data set
     (``reference_statistics``), ``fid`` is against them and ``fid_images`` against the reference images."""
-    from ..metrics.fid import fid_from_statistics, inception_outputs, metrics_from_features
+    from ..metrics.fid import fid_from_statistics, inception_outputs, metrics_from_features, sfid_from_features
 
     t0 = time.perf_counter()
     samples = run.sample(cfg["num_samples"], sampling_steps=cfg["sampling_steps"], seed=cfg["sample_seed"],
@@ -175,6 +176,11 @@ def score(run, cfg: dict, reference, model=None, spatial_reference: dict | None 
         metrics["fid_images"] = metrics["fid"]
         metrics["fid"] = fid_from_statistics(outputs["pool"], statistics)
         metrics["fid_statistics"] = str(statistics)
+        with np.load(statistics) as f:  # ADM's files also hold the sFID statistics (mu_s, sigma_s)
+            spatial = {"mu": f["mu_s"], "sigma": f["sigma_s"]} if {"mu_s", "sigma_s"} <= set(f.files) else None
+        if spatial is not None and "spatial" in outputs:
+            metrics["sfid_images"] = metrics["sfid"]
+            metrics["sfid"] = sfid_from_features(outputs["spatial"], spatial)
     return metrics, samples, sampling_s, time.perf_counter() - t0
 
 
