@@ -24,14 +24,20 @@ SETTINGS = {
 
 
 def signal(left: np.ndarray, right: np.ndarray, lam: float | np.ndarray = 1.0) -> np.ndarray:
-    """The paper's f(l, r) in numpy (the model's operator is diffbias.models.dice.dice_signal)."""
-    return (left + right) / (1.0 + np.exp(lam * (left - right) ** 2))
+    """The paper's f(l, r) on numpy arrays, through the model's own operator (diffbias.models.dice.dice_signal)."""
+    import torch
+
+    from ..models.dice import dice_signal
+
+    as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+    return dice_signal(as_t(left), as_t(right), as_t(lam)).numpy()
 
 
 def compute(run, cfg: dict) -> Result:
     import torch
 
     from ..metrics.jacobian import noisy_input
+    from ..models.dice import dice_signal
 
     blocks = [m for m in run.model.modules() if type(m).__name__ == "DiceBlock" and m.hands]
     rows = [{"block": i, "channels": int(b.hands_lambda.numel()), "lambda_mean": float(b.hands_lambda.mean()),
@@ -56,7 +62,7 @@ def compute(run, cfg: dict) -> Result:
                     h.remove()
             k = cfg["channels"]
             left, right = seen["left"][0, :k], seen["right"][0, :k]
-            joined = (left + right) * torch.sigmoid(-block.hands_lambda[:k] * (left - right) ** 2)
+            joined = dice_signal(left, right, block.hands_lambda[:k])
         arrays.update(left=left.cpu().numpy(), right=right.cpu().numpy(), joined=joined.cpu().numpy(),
                       block_lambdas=block.hands_lambda[:k].detach().flatten().cpu().numpy())
     return Result(pd.DataFrame(rows, columns=["block", "channels", "lambda_mean", "lambda_median", "lambda_min",

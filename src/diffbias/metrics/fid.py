@@ -262,29 +262,41 @@ def kid_subset_size_for(n: int, m: int) -> int:
     return max(2, min(1000, min(n, m) // 2))
 
 
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """FID between two feature sets exactly as torch-fidelity defines it: ||mu1 - mu2||^2 + tr S1 + tr S2 -
-    2 tr sqrt(S1 S2), with torch-fidelity's own statistics (``np.cov``).
+def frechet_to_statistics(features: torch.Tensor, reference: dict) -> float:
+    """Fréchet distance of (n, d) features to reference statistics ``{"mu", "sigma"}``, as torch-fidelity and ADM's
+    evaluator define it: ||mu - mu_r||^2 + tr S + tr S_r - 2 tr sqrt(S S_r), with S the features' ``np.cov``.
 
-    torch-fidelity takes tr sqrt(S1 S2) from the eigenvalues of the general 2048 x 2048 matrix S1 S2 (about 10 s on
-    one CPU core). When one set has n <= 2048 images, S1 S2 has rank < n and its non-zero eigenvalues are those of
-    the n x n symmetric matrix A S2 A^T / (n - 1), A being that set's centred features: the same trace, from an
-    n x n eigendecomposition. Every FID of a few hundred samples takes this path; with more images than features in
-    both sets, torch-fidelity's own function is used."""
+    They take tr sqrt(S S_r) from the eigenvalues of the general d x d matrix S S_r (about 10 s on one CPU core at
+    d = 2048). With n <= d images, S = A^T A / (n - 1) (A: the centred features, n x d) has rank < n, and the non-zero
+    eigenvalues of S S_r are those of the n x n symmetric matrix A S_r A^T / (n - 1): the same trace from an n x n
+    eigendecomposition, equal to torch-fidelity's value to float rounding (tested). With more images than
+    dimensions, torch-fidelity's own function. FID, sFID and FID against a statistics file all come here."""
     import torch_fidelity
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-    s1, s2 = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
-    if min(len(f1), len(f2)) - 1 >= f1.shape[1]:
-        return float(fid_statistics_to_metric(s1, s2, False)[torch_fidelity.KEY_METRIC_FID])
-    small, other = (f1, s2) if len(f1) <= len(f2) else (f2, s1)
-    x = small.numpy().astype(np.float64)
-    a = x - x.mean(axis=0)
-    m = a @ other["sigma"] @ a.T / (len(x) - 1)
+    x = features.detach().cpu().double().numpy()
+    mu_r, sigma_r = np.asarray(reference["mu"], np.float64), np.atleast_2d(np.asarray(reference["sigma"], np.float64))
+    n, d = x.shape
+    if mu_r.shape != (d,):
+        raise ValueError(f"features are {d}-d, the reference statistics {mu_r.shape[0]}-d")
+    mu = x.mean(axis=0)
+    if n - 1 >= d:
+        ours = {"mu": mu, "sigma": np.atleast_2d(np.cov(x, rowvar=False))}
+        return float(fid_statistics_to_metric(ours, {"mu": mu_r, "sigma": sigma_r}, False)[torch_fidelity.KEY_METRIC_FID])
+    a = x - mu
+    m = a @ sigma_r @ a.T / (n - 1)
     eigenvalues = np.linalg.eigvalsh((m + m.T) / 2)  # PSD up to rounding: negative rounding noise counts 0, as there
     tr_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
-    diff = s1["mu"] - s2["mu"]
-    return float(diff.dot(diff) + np.trace(s1["sigma"]) + np.trace(s2["sigma"]) - 2 * tr_covmean)
+    diff = mu - mu_r
+    return float(diff @ diff + (a * a).sum() / (n - 1) + np.trace(sigma_r) - 2 * tr_covmean)
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """FID between two feature sets (torch-fidelity's definition): the smaller set against the other's statistics
+    (:func:`frechet_to_statistics`)."""
+    small, large = (f1, f2) if len(f1) <= len(f2) else (f2, f1)
+    x = large.detach().cpu().double().numpy()
+    return frechet_to_statistics(small, {"mu": x.mean(axis=0), "sigma": np.atleast_2d(np.cov(x, rowvar=False))})
 
 
 def metrics_from_features(
@@ -413,21 +425,8 @@ def sfid_from_statistics(samples: dict, reference: dict) -> float:
 
 
 def sfid_from_features(samples: torch.Tensor, reference: dict) -> float:
-    """sFID of (n, 2023) sample features against reference statistics. With fewer samples than dimensions the
-    sample covariance is A A^T (A = centred features / sqrt(n - 1), d x n) and the non-zero eigenvalues of
-    sigma_s sigma_r are those of the n x n matrix A^T sigma_r A: the same distance as :func:`sfid_from_statistics`
-    from an n x n eigenproblem instead of a 2023 x 2023 one (a rehearsal's few samples). Otherwise the latter."""
-    x = samples.double().cpu().numpy()
-    n, d = x.shape
-    if n > d:
-        return sfid_from_statistics(spatial_statistics(samples), reference)
-    mu_r, sigma_r = np.asarray(reference["mu"], np.float64), np.asarray(reference["sigma"], np.float64)
-    mu = x.mean(0)
-    a = (x - mu).T / np.sqrt(n - 1)
-    small = a.T @ sigma_r @ a
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
-    diff = mu - mu_r
-    return float(diff @ diff + (a * a).sum() + np.trace(sigma_r) - 2 * tr_covmean)
+    """sFID of (n, 2023) sample features against reference spatial statistics (:func:`frechet_to_statistics`)."""
+    return frechet_to_statistics(samples, reference)
 
 
 def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
@@ -479,16 +478,10 @@ def load_fid_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def fid_from_statistics(sample_features: torch.Tensor, reference: str | os.PathLike | dict) -> float:
     """FID of (n, d) sample features against precomputed reference statistics (a ``.npz`` path or a
-    ``{"mu", "sigma"}`` dict), with torch-fidelity's ``fid_statistics_to_metric``. Both sides are taken in
-    float64 (ADM's files are float64; torch-fidelity requires equal dtypes)."""
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-
+    ``{"mu", "sigma"}`` dict, e.g. ADM's ``VIRTUAL_imagenet256_labeled.npz``), in float64 as ADM's files are
+    (:func:`frechet_to_statistics`)."""
     ref = load_fid_statistics(reference) if not isinstance(reference, dict) else reference
-    ours = fid_statistics(sample_features)
-    if ours["mu"].shape != ref["mu"].shape:
-        raise ValueError(f"sample features are {ours['mu'].shape[0]}-d, the reference statistics "
-                         f"{ref['mu'].shape[0]}-d (ADM's mu/sigma are Inception pool_3, 2048-d)")
-    as64 = lambda st: {"mu": np.asarray(st["mu"], np.float64), "sigma": np.asarray(st["sigma"], np.float64)}  # noqa: E731
-    import torch_fidelity
-
-    return float(fid_statistics_to_metric(as64(ours), as64(ref), False)[torch_fidelity.KEY_METRIC_FID])
+    if np.asarray(ref["mu"]).shape != (sample_features.shape[1],):
+        raise ValueError(f"sample features are {sample_features.shape[1]}-d, the reference statistics "
+                         f"{np.asarray(ref['mu']).shape[0]}-d (ADM's mu/sigma are Inception pool_3, 2048-d)")
+    return frechet_to_statistics(sample_features, ref)
