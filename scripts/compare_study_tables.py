@@ -1,9 +1,11 @@
 """Compare the study tables of two working directories (e.g. a study run before and after a refactor).
 
-    python scripts/compare_study_tables.py BEFORE_WD AFTER_WD [--study micro] [--decimals 4]
+    python scripts/compare_study_tables.py BEFORE_WD AFTER_WD [--study micro] [--decimals 4] [--added COLUMN ...]
 
 Columns that differ run to run (wall times, throughput, peak memory: tests/test_kill_resume.py's VOLATILE) are
-left out; every other column must be equal, exactly or to --decimals. Exit status 1 when any table differs.
+left out; every other column must be equal, exactly or to --decimals. ``--added`` names columns the AFTER tables may
+have in addition (a new column, e.g. ``space``); they are reported with their values and left out of the comparison.
+Exit status 1 when any table differs.
 """
 
 from __future__ import annotations
@@ -32,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("after", type=Path)
     p.add_argument("--study", default="micro")
     p.add_argument("--decimals", type=int, default=4)
+    p.add_argument("--added", action="append", default=[], help="a column only the AFTER tables have")
     args = p.parse_args(argv)
     a, b = tables(args.before, args.study), tables(args.after, args.study)
+    for name, df in b.items():
+        new = [c for c in args.added if c in df and (name not in a or c not in a[name])]
+        if new:
+            print(f"{name}: added {', '.join(f'{c} = {sorted(map(str, df[c].unique()))}' for c in new)}")
+            b[name] = df.drop(columns=new)
     ok = set(a) == set(b)
     if not ok:
         print(f"different tables: only before {sorted(set(a) - set(b))}, only after {sorted(set(b) - set(a))}")

@@ -11,6 +11,7 @@ import yaml
 from diffbias import cost
 from diffbias.cli import main
 from diffbias.config import all_runs, load_config, validate_config
+from diffbias.latents import model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def test_cost_of_every_paper_config(capsys):
         if n == 3:  # through the command line once
             main(["cost", "--configfile", str(path)])
             out = capsys.readouterr().out
-            assert "paper-003.yaml: 7 distinct runs" in out
+            assert "paper-003.yaml: 10 distinct runs" in out and "Wall-clock hours per run" in out
             assert all(f"| {study} " in out for study in cfg["studies"])
         runs, summary, note = cost.gpu_hours(cfg)
         seconds[n] = time.perf_counter() - start
@@ -93,9 +94,11 @@ def test_cost_of_every_paper_config(capsys):
         assert len(runs) == len(all_runs(cfg)) and (runs["gmacs"] > 0).all()
         assert (summary["train_gpu_h"] > 0).all() and (summary["eval_gpu_h"] > 0).all()
         assert summary.iloc[-1]["total_gpu_h"] == pytest.approx(runs["total"].sum())
-        by_preset = runs.groupby(["preset", "variant"])["gmacs"].first()
-        for (preset, variant), gmacs in by_preset.items():
+        by_preset = runs.groupby(["preset", "variant", "dataset"])["gmacs"].first()
+        for (preset, variant, dataset), gmacs in by_preset.items():
             options = cfg["variants"][variant].get("options")
+            if model_input(cfg["datasets"][dataset])[1] != 32:  # paper-003's 512 block: 64x64x4 latents
+                continue
             if preset in PAPER_GMACS and not options:
                 assert gmacs == pytest.approx(PAPER_GMACS[preset], abs=1e-9), (n, variant, gmacs)
             if preset in PUBLISHED_GFLOPS and not options:
@@ -116,3 +119,25 @@ def test_cost_of_paper_004(capsys):
     total = summary.iloc[-1]
     # 400k steps x batch 64 of DiT-XS/1 (15.7 GMACs) and DiT-S/1 (31.5 GMACs): thousands of GPU-hours
     assert 1000 < total["train_gpu_h"] < 5000 and total["eval_gpu_h"] < total["train_gpu_h"]
+
+
+def test_wall_clock_hours_divide_a_training_by_its_gpus():
+    cfg = micro()
+    cfg["variants"]["dit"]["training"] = {"gpus_per_run": 4}
+    runs, _, _ = cost.gpu_hours(cfg, tflops=1e-3)
+    dit, local = runs[runs.variant == "dit"], runs[runs.variant == "dit_local"]
+    assert (dit.gpus == 4).all() and (local.gpus == 1).all()
+    assert dit.train_wall_h.tolist() == pytest.approx((dit.train / 4).tolist())
+    assert local.train_wall_h.tolist() == pytest.approx(local.train.tolist())
+    assert runs.wall_h.tolist() == pytest.approx((runs.train_wall_h + runs.evaluation).tolist())
+    table = cost.format_wall_clock(runs)
+    assert table.startswith("Wall-clock hours per run") and "| dit " in table and "train_wall_h" in table
+
+
+def test_latent_runs_are_priced_at_the_latent_grid(monkeypatch):
+    cfg = micro()
+    cfg["datasets"]["fmnist8"] = dict(cfg["datasets"]["fmnist8"], channels=3, resolution=64, latents={"autoencoder": "vae"})
+    shapes = []
+    monkeypatch.setattr(cost, "forward_gmacs", lambda backbone, options, c, side, classes: shapes.append((c, side)) or 1.0)
+    cost.run_costs(cfg)
+    assert set(shapes) == {(4, 8)}  # SD's VAE: 64x64 RGB -> 4 x 8 x 8

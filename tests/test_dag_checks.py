@@ -305,3 +305,75 @@ def test_snakemake_dry_run_rejects_bad_config_before_any_job(tmp_path, case):
     out = result.stdout + result.stderr
     assert result.returncode != 0 and f"config error at '{key}'" in out and message in out, out[-3000:]
     assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------- latent data sets
+
+
+def latent_config(tmp_path, **dataset) -> dict:
+    return {
+        "datasets": {"lat": {"source": "fixture", "path": "lat", "resolution": 256, "channels": 3, "test_size": 4,
+                             "latents": {"autoencoder": str(tmp_path / "vae")}, **dataset}},
+        "variants": {"dit": {"preset": "DiT-T/2", "options": {"depth": 2, "attention": "G,G"}}},
+        "studies": {"s": {"dataset": "lat", "variants": ["dit"], "N": [8]}},
+    }
+
+
+def test_models_are_checked_at_the_latent_shape(tmp_path):
+    cfg = latent_config(tmp_path)
+    cfg["variants"]["dit"]["options"]["patch_size"] = 64  # divides the 256 pixels, not the 32 latents a side
+    err = _error(validate_config, cfg)
+    assert err.key == "variants.dit.options.patch_size" and "input side 32" in str(err)
+    cfg = latent_config(tmp_path)
+    cfg["variants"]["dit"]["options"].update(hidden_size=65, num_heads=2)
+    err = _error(validate_config, cfg)
+    assert err.key == "variants.dit.options" and "4x32x32 input of latents" in str(err)
+    err = _error(validate_config, latent_config(tmp_path, resolution=252))
+    assert err.key == "datasets.lat.resolution" and "downsampling 8" in str(err)
+
+
+def test_latent_autoencoder_statistics_and_test_images_are_checked_on_disk(tmp_path):
+    from diffbias.autoencoder import save_tiny_autoencoder
+
+    cfg = validate_config(latent_config(tmp_path))
+    err = _error(check_datasets, cfg)
+    assert err.key == "datasets.lat.latents.autoencoder" and "hf download" in str(err)
+    save_tiny_autoencoder(tmp_path / "vae")
+    check_datasets(cfg)
+    raw = latent_config(tmp_path)
+    raw["evaluation"] = {"fid": {"N": [8], "reference_statistics": {"lat": str(tmp_path / "VIRTUAL.npz")}}}
+    err = _error(check_datasets, validate_config(raw))
+    assert err.key == "evaluation.fid.reference_statistics.lat" and "VIRTUAL.npz" in str(err)
+    np.savez(tmp_path / "VIRTUAL.npz", mu=np.zeros(2), sigma=np.eye(2))
+    check_datasets(validate_config(raw))
+    folder = latent_config(tmp_path, source="image_folder", path=str(tmp_path), test_path=str(tmp_path / "val"))
+    (tmp_path / "a.png").write_bytes(b"")
+    err = _error(check_datasets, validate_config(folder))
+    assert err.key == "datasets.lat.test_path" and str(tmp_path / "val") in str(err)
+
+
+def test_a_test_path_gives_any_source_an_official_split(tmp_path):
+    lsun = dict(source="lsun", path=str(tmp_path / "train"), split="official")
+    err = _error(validate_config, latent_config(tmp_path, **lsun))
+    assert err.key == "datasets.lat.split" and "test_path" in str(err)  # one folder: no official test images
+    validate_config(latent_config(tmp_path, **lsun, test_path=str(tmp_path / "val")))
+
+
+def test_a_latent_cache_of_the_current_entry_needs_no_source(tmp_path):
+    import json
+
+    from diffbias.autoencoder import save_tiny_autoencoder
+    from diffbias.latents import cache_spec
+
+    save_tiny_autoencoder(tmp_path / "vae")
+    cfg = validate_config(latent_config(tmp_path, source="image_folder", path=str(tmp_path / "nowhere")))
+    prepared = tmp_path / "results" / "data"
+    assert _error(check_datasets, cfg, prepared).key == "datasets.lat.path"
+    meta = tmp_path / "results" / "latents" / "lat" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"spec": cache_spec(cfg["datasets"]["lat"])}))
+    check_datasets(cfg, prepared)  # encoded from this entry: no job reads the source
+    cfg["datasets"]["lat"]["test_size"] = 5
+    check_datasets(cfg, prepared)  # the test set's size does not change the latents (nor the encode job)
+    cfg["datasets"]["lat"]["resolution"] = 128
+    assert _error(check_datasets, cfg, prepared).key == "datasets.lat.path"

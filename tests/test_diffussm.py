@@ -158,3 +158,19 @@ def test_presets():
     assert no_hg["patch_size"] == 1 and no_hg["hourglass"] == 1
     xl = PRESETS["DiffuSSM-XL"].options
     assert (xl["hidden_size"], xl["depth"], xl["patch_size"], xl["hourglass"]) == (1152, 29, 1, 2)
+
+
+@pytest.mark.parametrize("name, width, depth, params", [("DiffuSSM-S", 384, 13, 36_419_344),
+                                                        ("DiffuSSM-L", 768, 25, 272_650_768)])
+def test_model_size_presets_of_fig_6(name, width, depth, params):
+    """Paper 003 fig. 6 left: S (D = 384) and L (D = 768), at DiT's depth of the same name plus one layer, as XL."""
+    from diffbias.config import skip_init_on_meta
+
+    options = PRESETS[name].options
+    assert (options["hidden_size"], options["depth"], options["patch_size"], options["hourglass"]) == (width, depth, 1, 2)
+    with torch.device("meta"), skip_init_on_meta():
+        model = build_model(preset=name, input_size=32, in_channels=4)  # ImageNet 256 latents, unconditional
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert ds.linear_params_per_block(model) == ds.linear_params_closed_form(width, 2) == 15 * width * width
+    xl = PRESETS["DiffuSSM-XL"].options["hidden_size"]
+    assert width < xl and depth < PRESETS["DiffuSSM-XL"].options["depth"]

@@ -108,6 +108,54 @@ def test_pca_request_and_training_groups():
         plan.pca_request(bad, source)
 
 
+def _latent(config: dict) -> dict:
+    """The micro config with its data set switched to latents (the path of a VAE folder is enough for the plan)."""
+    ds = dict(config["datasets"]["fmnist8"], channels=3, resolution=16, latents={"autoencoder": "vae"})
+    return dict(config, datasets={"fmnist8": ds})
+
+
+def test_latent_data_sets_are_read_from_their_cache(micro):
+    cfg = _latent(micro)
+    run = RunKey("fmnist8", "dit", 50, 0)
+    assert plan.data_input(cfg, "fmnist8") == "results/latents/fmnist8/meta.json"
+    assert plan.train_inputs(cfg, run)["data"] == "results/latents/fmnist8/meta.json"
+    assert plan.measurement_inputs(cfg, "fid", run)["data"] == "results/latents/fmnist8/meta.json"
+    assert plan.data_input(micro, "fmnist8") == "results/data/fmnist8.npz"  # pixels: the prepared pool
+    assert plan.encode_inputs(cfg, "fmnist8") == {}  # a fetched VAE folder is no rule's output
+    tiny = dict(cfg, datasets={"fmnist8": dict(cfg["datasets"]["fmnist8"], latents={"autoencoder": plan.tiny_autoencoder(cfg)})})
+    assert plan.encode_inputs(tiny, "fmnist8") == {"autoencoder": "results/autoencoders/tiny-sd-vae"}
+
+
+def test_a_training_on_several_gpus_is_never_grouped(micro):
+    cfg = dict(micro, training=dict(micro["training"], gpus_per_run=2))
+    assert plan.train_group(micro, RunKey("fmnist8", "dit", 10, 0)) == "train_small"
+    assert plan.train_group(cfg, RunKey("fmnist8", "dit", 10, 0)) is None
+
+
+def test_guided_fid_applies_to_the_class_conditional_runs_of_the_studies_that_ask(micro):
+    cfg = validate_config({**yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text()),
+                           "studies": {"micro": {**micro["studies"]["micro"], "fid_guided": {}}}})
+    inst = plan.instances(cfg)["fid_guided-micro"]
+    assert plan.instance_settings(cfg, "fid_guided-micro")["guidance_scale"] == 1.5  # its own default, fid's others
+    assert plan.instance_settings(cfg, "fid_guided-micro")["num_samples"] == 8
+    assert plan.measured_runs(cfg, "micro", inst) == []  # micro trains unconditionally
+    assert "fid_guided" not in plan.switched_off(cfg, "micro")
+    conditional = dict(cfg, training=dict(cfg["training"], class_conditional=True))
+    assert len(plan.measured_runs(conditional, "micro", inst)) == 4
+    assert "fid_guided-micro" not in plan.instances(micro)  # a study switches it on by naming it
+    assert plan.switched_off(dict(micro, training=dict(micro["training"], class_conditional=True)),
+                             "micro")["fid_guided"] == "studies.micro.fid_guided is not set"
+
+
+def test_reference_statistics_are_named_by_their_config_key():
+    cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-003.yaml").read_text()))
+    fid, guided = plan.instances(cfg)["fid"], plan.instances(cfg)["fid_guided-imagenet"]
+    key = "evaluation.fid.reference_statistics.imagenet256"
+    assert plan.measurement_files(cfg, fid, "imagenet256") == {key: "data/adm/VIRTUAL_imagenet256_labeled.npz"}
+    assert plan.measurement_files(cfg, guided, "imagenet256") == {key: "data/adm/VIRTUAL_imagenet256_labeled.npz"}
+    assert plan.measurement_files(cfg, fid, "lsun_church") == {}  # no ADM batch: the training images
+
+
 def test_the_report_reads_the_pca_basis_it_draws_and_data_jobs_ignore_the_default_split():
     cfg = validate_config(yaml.safe_load((ROOT / "workflow/configs/paper-004.yaml").read_text()))
     basis = "results/paper-004/runs/imagenet/xs/N100000/seed43/pca_basis.pt"  # app. C: ImageNet's PCs used on CelebA

@@ -25,7 +25,7 @@ from diffbias.models.attention import parse_attention_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAY = ROOT / "workflow/configs/rehearsal.yaml"
-PAPER_CONFIGS = ["paper-000", "paper-002", "paper-003", "paper-004"]
+PAPER_CONFIGS = ["paper-000", "paper-002", "paper-002-pixel32", "paper-003", "paper-003-pixel32", "paper-004"]
 
 
 def _raw(name: str) -> dict:
@@ -110,6 +110,25 @@ def test_snapshots_and_warmup_scale_with_the_run():
     assert _rehearsed("paper-000")["training"]["betas"] == [0.99, 0.999]
 
 
+def test_latent_data_sets_rehearse_as_latents_through_a_tiny_vae():
+    from diffbias.latents import model_input
+
+    cfg = _rehearsed("paper-003")
+    assert set(cfg["datasets"]) == {"imagenet256", "imagenet512", "lsun_church", "lsun_bedroom"}
+    for key, ds in cfg["datasets"].items():
+        assert ds["latents"]["autoencoder"] == "results/rehearsal/paper-003/autoencoders/tiny-sd-vae"
+        assert ds["latents"]["hflip"] and ds["latents"]["shard_size"] == 64  # several shards
+        assert ds["resolution"] == 128 and model_input(ds) == (4, 16)  # the pixel rehearsal's 16x16 grid, as latents
+        assert ds["split"] == "official" and "test_path" not in ds  # the fixture's own official test part
+    training = {v: spec.get("training", {}) for v, spec in cfg["variants"].items()}
+    assert training["diffussm_xl_cond"]["gpus_per_run"] == 2 and training["diffussm_l"]["gpus_per_run"] == 2
+    assert "gpus_per_run" not in training["diffussm_s"] and training["diffussm_xl_cond"]["steps"] == 6
+    assert "reference_statistics" not in cfg["evaluation"]["fid"]  # ADM's files are not here: the reference images
+    assert cfg["studies"]["imagenet"]["fid_guided"] == {"guidance_scale": 1.5}
+    pixel = _rehearsed("paper-003-pixel32")
+    assert all("latents" not in ds and ds["resolution"] == 16 for ds in pixel["datasets"].values())
+
+
 def test_too_few_fixture_images_or_n_values_fail_with_the_key():
     with pytest.raises(ConfigError) as err:
         _rehearsed("paper-004", fixture_images=40)
@@ -163,7 +182,9 @@ def test_paper_config_rehearses_end_to_end(name, tmp_path):
     """The whole DAG of the paper config, shrunk by the overlay, has the paper DAG's rules, runs locally and renders
     every study's report."""
     paper, rehearsal = dag_rules(name, False, tmp_path), dag_rules(name, True, tmp_path)
-    assert paper and set(rehearsal) == set(paper)
+    latent = any(ds.get("latents") for ds in _raw(name)["datasets"].values())
+    # the rehearsal makes the tiny autoencoder a paper config fetches once
+    assert paper and set(rehearsal) == set(paper) | ({"tiny_autoencoder"} if latent else set())
     assert sum(rehearsal.values()) <= sum(paper.values())
     start = time.monotonic()
     done = snakemake(*_configfiles(name, True), "--keep-going", cwd=tmp_path)

@@ -513,3 +513,53 @@ def test_group_jobs_request_one_gpu_whatever_cores(tmp_path):
     for name, (gpu, runtime, members) in groups.items():
         assert gpu == 1, (name, gpu)
         assert runtime >= 10 * members, (name, runtime, members)  # members run one after another: runtimes add
+
+
+def test_a_training_on_several_gpus_asks_for_them_on_one_node(tmp_path):
+    """`training.gpus_per_run: 4` becomes `sbatch ... --nodes=1 ... --gpus=4` for that train job: the profile's GPU
+    serialisation (the one-slot resource gpu_slot) does not cap `gpu`, and the job stays on one node. The sbatch
+    arguments are the SLURM plugin's own (get_submit_command, set_gres_string) on the jobs of a dry run with the
+    project profile; the evaluation groups still ask for one GPU."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    cfg = yaml.safe_load((REPO / MICRO_CONFIG).read_text())
+    cfg["resources"] = {"train": {"runtime": 10, "mem_mb": 1000, "gpu": 1},
+                        "evaluate": {"runtime": 10, "mem_mb": 1000, "gpu": 1}}
+    cfg["variants"]["dit"]["training"] = {"gpus_per_run": 4}  # batch 8: 2 samples per rank
+    (tmp_path / "gpus.yaml").write_text(yaml.safe_dump(cfg))
+    probe = textwrap.dedent("""
+        import sys
+        import snakemake.jobs as J
+        import snakemake.resources as R
+        from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+        basic = R.GroupResources.basic_layered.__func__  # lay groups out as on the cluster, not as a local run
+        R.GroupResources.basic_layered = classmethod(lambda cls, *a, **k: basic(cls, *a, **{**k, "run_local": False}))
+        from snakemake_executor_plugin_slurm.utils import set_gres_string
+        params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "",
+                  "workdir": "."}
+        log_info = J.Job.log_info
+        def report(self, *a, **k):
+            if self.rule.name == "train":
+                call = get_submit_command(self, params) + set_gres_string(self)
+                print("SBATCH", self.wildcards_dict["variant"], self.wildcards_dict["n"], call, flush=True)
+            return log_info(self, *a, **k)
+        J.Job.log_info = report
+        group_info = J.GroupJob.log_info
+        def group(self, *a, **k):
+            print("GROUP", self.groupid, dict(self.resources).get("gpu"), flush=True)
+            return group_info(self, *a, **k)
+        J.GroupJob.log_info = group
+        from snakemake.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    (tmp_path / "probe.py").write_text(probe)
+    r = subprocess.run([sys.executable, "probe.py", "-n", "-s", str(REPO / "Snakefile"), "--cores", "64",
+                        "--profile", str(PROJECT_PROFILE), "--configfile", "gpus.yaml"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = {tuple(line.split()[1:3]): line for line in r.stdout.splitlines() if line.startswith("SBATCH ")}
+    assert set(calls) == {("dit", "10"), ("dit", "50"), ("dit_local", "10"), ("dit_local", "50")}, r.stdout[-2000:]
+    for n in ("10", "50"):  # even at N = 10: a training on several GPUs is never bundled into train_small
+        assert " --gpus=4" in calls["dit", n] and " --nodes=1" in calls["dit", n], calls["dit", n]
+        assert " --gpus=1" in calls["dit_local", n] and "--nodes" not in calls["dit_local", n], calls["dit_local", n]
+    groups = [line.split() for line in r.stdout.splitlines() if line.startswith("GROUP ")]
+    assert groups and all(gpu == "1" for _, _, gpu in groups), groups  # the evaluation groups: one GPU each

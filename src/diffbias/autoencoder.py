@@ -37,6 +37,8 @@ from .device import resolve_device
 
 __all__ = [
     "SD_SCALE_FACTOR",
+    "SD_GEOMETRY",
+    "autoencoder_geometry",
     "POSTERIORS",
     "Autoencoder",
     "tiny_autoencoder_config",
@@ -45,8 +47,21 @@ __all__ = [
 ]
 
 SD_SCALE_FACTOR = 0.18215
+SD_GEOMETRY = (4, 8)  # latent channels and downsampling of SD's VAE (and of save_tiny_autoencoder's)
 POSTERIORS = ("mean", "sample")
 _SAMPLE_SEED_STRIDE = 1_000_003  # as diffbias.sampling: seed * stride + index, one generator per image
+
+
+def autoencoder_geometry(path: str | os.PathLike) -> tuple[int, int]:
+    """(latent channels, downsampling) of the AutoencoderKL in folder ``path``, read from its ``config.json``
+    (``latent_channels``; one downsampler between consecutive ``block_out_channels``) without loading weights.
+    SD's (4, 8) when the folder is not there yet: at DAG build, for an autoencoder a rule makes (the rehearsal's
+    tiny one, SD-shaped) or with the data check skipped; the encode job then reads the real one."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return SD_GEOMETRY
+    cfg = json.loads(config.read_text())
+    return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg.get("block_out_channels", [0] * 4)) - 1)
 
 
 def posterior_noise(indices: Sequence[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -87,11 +87,13 @@ def cmd_counts(args) -> None:
 
 def cmd_cost(args) -> None:
     from .config import load_config
-    from .cost import format_summary, gpu_hours
+    from .cost import format_summary, format_wall_clock, gpu_hours
 
     config = load_config(args.configfile)
     runs, summary, note = gpu_hours(config, tflops=args.throughput_tflops, benchmark=args.benchmark)
     print(format_summary(summary, note, args.configfile))
+    print()
+    print(format_wall_clock(runs))
     if args.out:
         from .io import write_parquet
 
@@ -125,6 +127,13 @@ def cmd_encode_latents(args) -> None:
                           workers=args.workers)
     print(f"[encode-latents] {args.out}: {meta['count']} images -> {meta['latent_shape']} {meta['dtype']} "
           f"({meta['posterior']}{', with mirrored twins' if meta['hflip'] else ''}), {len(meta['shards'])} shards")
+
+
+def cmd_tiny_autoencoder(args) -> None:
+    from .autoencoder import Autoencoder, save_tiny_autoencoder
+
+    path = save_tiny_autoencoder(args.out, seed=args.seed)
+    print(f"[tiny-autoencoder] {path}: {Autoencoder.load(path, 'cpu').fingerprint()}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per autoencoder call")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading and cropping images")
     p.set_defaults(func=cmd_encode_latents)
+
+    p = sub.add_parser("tiny-autoencoder", help="save a seeded, SD-shaped AutoencoderKL of 2,067 parameters (tests "
+                       "and rehearsals: nothing is downloaded)")
+    p.add_argument("--out", required=True, help="folder to save_pretrained into (replaced atomically)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_autoencoder)
 
     args = parser.parse_args(argv)
     args.func(args)

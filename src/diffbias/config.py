@@ -220,6 +220,10 @@ def _check_semantics(config: dict) -> None:
                         f"{skey}.N",
                         f"N={n} plus test_size={ds['test_size']} exceeds the {pool} images of dataset {dataset!r}",
                     )
+            try:
+                model_input(ds)
+            except ValueError as exc:
+                raise ConfigError(f"datasets.{dataset}.resolution", str(exc)) from None
             for variant in study["variants"]:
                 if variant not in config["variants"]:
                     raise ConfigError(f"{skey}.variants", f"unknown variant {variant!r}; known: {sorted(config['variants'])}")
@@ -227,10 +231,11 @@ def _check_semantics(config: dict) -> None:
                 pca_dataset = (config["variants"][variant].get("pca_from") or {}).get("dataset")
                 if pca_dataset is not None and pca_dataset in config["datasets"]:  # the PCs are maps of the same token grid
                     other = config["datasets"][pca_dataset]
-                    if (other["resolution"], other["channels"]) != (ds["resolution"], ds["channels"]):
+                    if model_input(other) != model_input(ds):
+                        (c1, r1), (c2, r2) = model_input(other), model_input(ds)
                         raise ConfigError(f"variants.{variant}.pca_from.dataset",
-                                          f"{pca_dataset!r} is {other['channels']}x{other['resolution']}^2 but study "
-                                          f"{study_name!r} trains on {dataset!r} at {ds['channels']}x{ds['resolution']}^2")
+                                          f"{pca_dataset!r} is {c1}x{r1}^2 but study "
+                                          f"{study_name!r} trains on {dataset!r} at {c2}x{r2}^2")
                 _check_variant_builds(config, variant, ds)
         baseline = study.get("baseline")  # a variant or a list of them (one per backbone, analysis.resolve_baselines)
         for b in [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline:
@@ -253,9 +258,11 @@ def _official_sizes(config: dict, dataset: str) -> tuple[int, int] | None:
     ds = config["datasets"][dataset]
     if ds.get("split", "shuffle") != "official":
         return None
-    problem = official_split_problem(ds["source"], ds.get("loader_kwargs"))
+    problem = official_split_problem(ds["source"], ds.get("loader_kwargs"), ds.get("test_path"))
     if problem:
         raise ConfigError(f"datasets.{dataset}.split", f"split: official, but {problem}")
+    if ds.get("test_path"):  # counted from the folders only when the data are read
+        return None
     if ds["source"] == "fixture":  # data.official_test_mask: the last quarter of the fixture pool is its test part
         from .data import official_test_mask
 
@@ -283,9 +290,10 @@ def _check_variant_fits(config: dict, variant: str, dataset: dict, key: str) -> 
     backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
     if _declares(backbone, "has_attention_spec"):
         patch = options.get("patch_size", 1)
-        if dataset["resolution"] % patch:
-            raise ConfigError(f"{key}.options.patch_size", f"resolution {dataset['resolution']} not divisible by {patch}")
-        grid = dataset["resolution"] // patch
+        _, side = model_input(dataset)  # a latent data set's model sees the latent grid
+        if side % patch:
+            raise ConfigError(f"{key}.options.patch_size", f"input side {side} not divisible by {patch}")
+        grid = side // patch
         try:
             check_windows_fit(parse_attention_spec(options.get("attention"), options.get("depth", 12)), (grid, grid))
         except ValueError as exc:
@@ -304,11 +312,11 @@ def _check_variant_builds(config: dict, variant: str, dataset: dict) -> None:
     backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
     training = {**config.get("training", {}), **v.get("training", {})}
     num_classes = KNOWN_NUM_CLASSES.get(dataset["source"], 10) if training.get("class_conditional") else 0
-    error = _meta_build_error(backbone, json.dumps(options, sort_keys=True, default=str),
-                              int(dataset["channels"]), int(dataset["resolution"]), num_classes)
+    channels, side = model_input(dataset)  # a latent data set: the autoencoder's latent grid (4 x resolution/8)
+    error = _meta_build_error(backbone, json.dumps(options, sort_keys=True, default=str), channels, side, num_classes)
     if error is not None:
         raise ConfigError(f"variants.{variant}.options", f"{error} (building {backbone!r} for a "
-                          f"{dataset['channels']}x{dataset['resolution']}x{dataset['resolution']} input)")
+                          f"{channels}x{side}x{side} input{' of latents' if dataset.get('latents') else ''})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,11 +375,13 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     For each such data set: the path exists and has the layout its ``source`` loader reads (headers only,
     see :func:`diffbias.data.check_source`), and, where the files say how many images they hold, the
     count equals a configured ``pool_size`` and the pool (capped by ``max_images``) holds every study's
-    largest N plus ``test_size``. A data set is skipped only when its prepared pool
-    ``<prepared_dir>/<key>.npz`` exists and was prepared from exactly its current config entry (recorded in
-    the pool's metadata): then no job reads its source. After any edit of the entry Snakemake schedules
-    ``prepare_data`` again (its params are the entry), so the source is checked. Raises ConfigError naming
-    ``datasets.<key>.path``.
+    largest N plus ``test_size`` (a ``test_path``: its layout, and ``test_size`` images there). A data set
+    is skipped only when its prepared pool ``<prepared_dir>/<key>.npz`` (a latent data set: its latent cache
+    ``<prepared_dir>/../latents/<key>/meta.json``) exists and was made from exactly its current config entry
+    (recorded in the pool's or cache's metadata): then no job reads its source. After any edit of the entry Snakemake
+    schedules ``prepare_data`` (``encode_latents``) again (its params are the entry), so the source is checked. A
+    latent data set's autoencoder folder must hold an AutoencoderKL, and files that measurement settings name (FID's
+    reference statistics) must exist. Raises ConfigError naming the key (``datasets.<key>.path``, ...).
     Needs the files: on a cluster, run Snakemake where the data are mounted (the login node); set
     ``DIFFBIAS_SKIP_DATA_CHECK=1`` to build a DAG elsewhere (e.g. a dry run of a paper config on a laptop).
     """
@@ -387,15 +397,30 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
                 wanted[pca["dataset"]] = max(wanted.get(pca["dataset"], 0), int(pca["N"]))
     for key in sorted(wanted):
         ds = config["datasets"][key]
-        if prepared_dir is not None and _prepared_from(Path(prepared_dir) / f"{key}.npz", ds):
-            continue
+        if ds.get("latents"):
+            _check_autoencoder(config, key)
+        if prepared_dir is not None:  # <results_dir>/data; latent caches live beside it, in <results_dir>/latents
+            done = (_encoded_from(Path(prepared_dir).parent / "latents" / key / "meta.json", ds) if ds.get("latents")
+                    else _prepared_from(Path(prepared_dir) / f"{key}.npz", ds))
+            if done:
+                continue  # no job reads its source
         where = f"datasets.{key}.path"
         shown = ds.get("path") or f"<default {ds['source']} location>"
+        kwargs = dict(ds.get("loader_kwargs") or {})
         try:
-            count = check_source(ds["source"], ds.get("path"), **dict(ds.get("loader_kwargs") or {}))
+            count = check_source(ds["source"], ds.get("path"), **kwargs)
         except (OSError, ValueError) as exc:
             raise ConfigError(where, f"data set {key!r} ({ds['source']}) at {shown}: {exc}") from None
-        if ds.get("split") == "official":
+        if ds.get("test_path"):  # the official test images in a second folder: its layout, and enough of them
+            try:
+                test_count = check_source(ds["source"], ds["test_path"], **kwargs)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"datasets.{key}.test_path", f"data set {key!r} ({ds['source']}) test images at "
+                                  f"{ds['test_path']}: {exc}") from None
+            if test_count is not None and ds["test_size"] > test_count:
+                raise ConfigError(f"datasets.{key}.test_size", f"test_size={ds['test_size']} but {ds['test_path']} "
+                                  f"holds {test_count} images")
+        elif ds.get("split") == "official":
             _check_official_on_disk(key, ds, wanted[key], shown)
             if count is None:
                 continue
@@ -407,6 +432,50 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
         if ds.get("split") != "official" and wanted[key] + ds["test_size"] > usable:
             raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than N={wanted[key]} plus "
                               f"test_size={ds['test_size']}")
+    _check_measurement_files(config, wanted)
+
+
+def _check_autoencoder(config: dict, key: str) -> None:
+    """A latent data set's autoencoder is a local folder fetched once (jobs never download), unless a rule makes it
+    (the rehearsal's tiny one)."""
+    from . import plan
+
+    folder = Path(config["datasets"][key]["latents"]["autoencoder"])
+    if str(folder) == plan.tiny_autoencoder(config) or (folder / "config.json").is_file():
+        return
+    raise ConfigError(f"datasets.{key}.latents.autoencoder", f"{folder}: no AutoencoderKL here (config.json missing). "
+                      "Fetch it once where there is network access: hf download stabilityai/sd-vae-ft-ema config.json "
+                      f"diffusion_pytorch_model.safetensors --local-dir {folder} (docs/latents-and-multi-gpu.md)")
+
+
+def _check_measurement_files(config: dict, datasets: Iterable[str]) -> None:
+    """Files that measurement settings name for the data sets in use (FID's reference statistics) exist."""
+    from . import plan
+
+    for inst in plan.instances(config).values():
+        for dataset in datasets:
+            for where, file in plan.measurement_files(config, inst, dataset).items():
+                if not Path(file).is_file():
+                    raise ConfigError(where, f"{file} does not exist")
+
+
+def model_input(dataset: dict) -> tuple[int, int]:
+    """(channels, side) of what a model of this data set sees (diffbias.latents.model_input: latents or pixels)."""
+    from .latents import model_input as model_input_of
+
+    return model_input_of(dataset)
+
+
+def _encoded_from(meta: Path, entry: dict) -> bool:
+    """Whether the complete latent cache whose ``meta.json`` is ``meta`` was encoded from exactly ``entry`` (its
+    ``spec``, the ``encode_latents`` rule's params): then Snakemake will not encode it again."""
+    from .latents import cache_spec
+
+    try:
+        recorded = json.loads(meta.read_text())["spec"]
+    except Exception:  # noqa: BLE001 - no cache, or none readable: check the source
+        return False
+    return json.dumps(recorded, sort_keys=True) == json.dumps(cache_spec(entry), sort_keys=True, default=str)
 
 
 def _prepared_from(path: Path, entry: dict) -> bool:
@@ -502,12 +571,16 @@ def apply_rehearsal(config: dict) -> dict:
     - Models: each backbone's ``rehearsal_options`` (a class attribute: width and heads, never depth) replace
       the size options of every variant; PCA variants keep their layers with fewer components.
     - Data: every data set becomes a ``fixture`` data set of the same name and channels (data.load_fixture:
-      deterministic, structured, labelled) at one resolution that holds the largest attention window.
+      deterministic, structured, labelled) at one model input size that holds the largest attention window. A data
+      set with ``latents`` stays latent: its fixture images are 8x that size and are encoded by the tiny SD-shaped
+      VAE of rule ``tiny_autoencoder`` (nothing downloaded); ``split`` is kept (the fixture's last quarter is its
+      official test part).
     - Grid: per study the first ``max_seeds`` seeds and ``max_datasets`` data sets, ``max_N`` of its N (the
       smallest, the largest, then evenly between); the k-th smallest N left becomes ``N_values[k]`` everywhere
       it is named (studies, evaluation N lists, pca_from), so every comparison over N keeps its order.
     - Training: ``steps`` steps of batch ``batch_size`` for every variant, EMA with warm-up; snapshot and
-      warm-up steps at the same fractions of the run. Evaluation: a few images and samples, few sampling steps.
+      warm-up steps at the same fractions of the run; ``gpus_per_run`` > 1 becomes at most ``max_gpus_per_run``
+      processes dividing the batch (torchrun with gloo on the CPU). Evaluation: a few images and samples, few sampling steps.
     - Outputs: ``<results_root>/<name of the config's results_dir>`` (reports in its ``reports/``), CPU, no GPU
       requests.
     """
@@ -552,16 +625,25 @@ def apply_rehearsal(config: dict) -> dict:
             if m.rehearse:
                 m.rehearse(settings, r)
 
-    # data: one fixture data set per name, at one resolution
+    # data: one fixture data set per name, the same grid for every model; latent data sets stay latent
+    from . import plan
+    from .autoencoder import SD_GEOMETRY
+
     resolution = rehearsal_resolution(cfg, r)
     for key, ds in cfg["datasets"].items():
-        if resolution > ds["resolution"]:
-            raise ConfigError(f"datasets.{key}.resolution", f"the rehearsal needs {resolution}x{resolution} (largest "
-                              f"attention window x patch), more than the configured {ds['resolution']}")
-        cfg["datasets"][key] = {"source": "fixture", "path": key, "resolution": resolution, "channels": ds["channels"],
-                                "test_size": r["test_size"], "pool_size": None, "max_images": r["fixture_images"]}
-        if "split" in ds:  # the fixture has an official test part: the rehearsal runs the same split code
-            cfg["datasets"][key]["split"] = ds["split"]
+        side = model_input(ds)[1]
+        if resolution > side:
+            raise ConfigError(f"datasets.{key}.resolution", f"the rehearsal needs a {resolution}x{resolution} input "
+                              f"(largest attention window x patch), more than the configured {side}")
+        fixture = {"source": "fixture", "path": key, "resolution": resolution, "channels": ds["channels"],
+                   "test_size": r["test_size"], "pool_size": None, "max_images": r["fixture_images"]}
+        if "split" in ds:  # the fixture has an official test part (its last quarter): the same split code runs
+            fixture["split"] = ds["split"]
+        if ds.get("latents"):  # images 8x the grid, encoded by the tiny SD-shaped VAE a rule makes
+            fixture["resolution"] = resolution * SD_GEOMETRY[1]
+            fixture["latents"] = {**ds["latents"], "autoencoder": plan.tiny_autoencoder(cfg),
+                                  "shard_size": r["latent_shard_size"]}
+        cfg["datasets"][key] = fixture
 
     # models: backbone-declared tiny widths, depth and attention spec kept
     for variant_name, variant in cfg["variants"].items():
@@ -589,6 +671,11 @@ def apply_rehearsal(config: dict) -> dict:
                            ("compile", False), ("ema_warmup", True)):
             if key in training or training is cfg["training"]:
                 training[key] = value
+        if training.get("gpus_per_run", 1) > 1:  # still several processes (torchrun, gloo), each an equal share
+            gpus = min(training["gpus_per_run"], r["max_gpus_per_run"])
+            while r["batch_size"] % gpus:
+                gpus -= 1
+            training["gpus_per_run"] = gpus
 
     for variant in cfg["variants"].values():
         if "training" in variant:
@@ -596,8 +683,10 @@ def apply_rehearsal(config: dict) -> dict:
     shrink_training(cfg["training"], cfg["training"]["steps"])
 
     for study in cfg["studies"].values():
-        note = (f"REHEARSAL (not a result): {resolution}x{resolution} fixture data, tiny widths, {r['steps']} "
-                f"training steps, N mapped {n_map}.")
+        latent = any(cfg["datasets"][d].get("latents") for d in study_datasets(study))
+        data = (f"{resolution}x{resolution}x4 latents of {resolution * SD_GEOMETRY[1]}x{resolution * SD_GEOMETRY[1]} "
+                "fixture images through a tiny random VAE" if latent else f"{resolution}x{resolution} fixture data")
+        note = f"REHEARSAL (not a result): {data}, tiny widths, {r['steps']} training steps, N mapped {n_map}."
         study["scale_note"] = f"{note} {study.get('scale_note', '')}".strip()
     r["applied"] = True
     return cfg

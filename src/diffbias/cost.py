@@ -10,7 +10,12 @@ distinct model and input shape) is multiplied by the number of image-passes each
   Jacobian: its product budget); a shared input (the FID reference set) once per (dataset, N, seed);
 - PCA bases (``pca_from``): num_images x len(timesteps) forwards of the source baseline.
 
-GPU-hours = FLOPs / sustained FLOP/s / 3600. The sustained rate is ``--throughput-tflops`` (default 40%
+A latent data set's models are counted at the latent grid they train on (4 x 32 x 32 for ImageNet 256); the
+autoencoder's own work (encoding the data set once, decoding each sample) is not priced.
+
+GPU-hours = FLOPs / sustained FLOP/s / 3600. Wall-clock hours per run divide a training's GPU-hours by its
+``training.gpus_per_run`` (DDP at a fixed global batch: ideal scaling, communication not priced); each evaluation job
+runs on one GPU. The sustained rate is ``--throughput-tflops`` (default 40%
 of an A100's 312 bf16 TFLOP/s = 124.8, a good utilisation for mid-sized transformers; small models at
 32x32 often reach less) or the achieved TFLOP/s of the benchmark's training table (``scripts/benchmark.py``
 run on the node type: its ``achieved_tflops`` per preset, else the table's median). It is an estimate of
@@ -56,18 +61,23 @@ def run_costs(config: dict) -> pd.DataFrame:
     from .config import pca_source
     from .measurements import SHARED_INPUTS
 
+    from .distributed import gpus_per_run
+    from .latents import model_input
+
     instances = plan.instances(config)
     rows, shared_users = [], {}
     for run in all_runs(config):
         spec = run_spec(config, run)
         m, ds = spec["model"], spec["dataset"]
         num_classes = NUM_CLASSES_FOR_COUNTING if spec["training"].get("class_conditional") else 0
+        channels, side = model_input(ds)  # latents: the grid the model trains on
         gmacs = forward_gmacs(m["backbone"], json.dumps(m["options"], sort_keys=True, default=str),
-                              int(ds["channels"]), int(ds["resolution"]), num_classes)
+                              channels, side, num_classes)
         tflops = 2 * gmacs / 1e3  # one forward, TFLOPs
         tr = spec["training"]
         row = {"dataset": run.dataset, "variant": run.variant, "N": run.n, "seed": run.seed, "preset": m.get("preset"),
-               "gmacs": gmacs, "train": 3.0 * tr["steps"] * tr["batch_size"] * tflops}  # forward + backward = 3F
+               "gmacs": gmacs, "gpus": gpus_per_run(spec),
+               "train": 3.0 * tr["steps"] * tr["batch_size"] * tflops}  # forward + backward = 3F
         inception = 0.0
         for name, inst in instances.items():
             if inst.study and run not in study_runs(config, inst.study):
@@ -116,7 +126,7 @@ def gpu_hours(config: dict, *, tflops: float | None = None, benchmark: str | Non
     """Per-run GPU-hours (``runs``) and the per-study summary with a total row (``summary``), plus a note
     saying which throughput was used."""
     df = run_costs(config)
-    kinds = [c for c in df.columns if c not in ("dataset", "variant", "N", "seed", "preset", "gmacs")]
+    kinds = [c for c in df.columns if c not in ("dataset", "variant", "N", "seed", "preset", "gmacs", "gpus")]
     if benchmark:
         per_preset, median = throughput_from_benchmark(benchmark)
         rate = df["preset"].map(lambda p: per_preset.get(p, median))
@@ -127,12 +137,15 @@ def gpu_hours(config: dict, *, tflops: float | None = None, benchmark: str | Non
         rate = pd.Series(tflops, index=df.index)
         note = (f"sustained {tflops:.4g} TFLOP/s per GPU"
                 + (" (default: 40% of an A100's 312 bf16 TFLOP/s)" if tflops == DEFAULT_TFLOPS else ""))
-    hours = df[["dataset", "variant", "N", "seed", "preset", "gmacs"]].copy()
+    hours = df[["dataset", "variant", "N", "seed", "preset", "gmacs", "gpus"]].copy()
     for kind in kinds:
         hours[kind] = df[kind] / rate / 3600.0
     eval_kinds = [k for k in kinds if k != "train"]
     hours["evaluation"] = hours[eval_kinds].sum(axis=1) if eval_kinds else 0.0
     hours["total"] = hours["train"] + hours["evaluation"]
+    # wall-clock: the training on its gpus_per_run GPUs of one node, then its evaluations on one GPU each
+    hours["train_wall_h"] = hours["train"] / hours["gpus"]
+    hours["wall_h"] = hours["train_wall_h"] + hours["evaluation"]
 
     def summarise(name: str, sub: pd.DataFrame) -> dict:
         return {"study": name, "runs": len(sub), "train_gpu_h": sub["train"].sum(),
@@ -162,3 +175,14 @@ def format_summary(summary: pd.DataFrame, note: str, config_name: str = "") -> s
     tail = ("Arithmetic only (FLOPs / throughput): start-up, data loading, checkpoints and queueing are not "
             "included. A run shared by several studies is counted in each study row and once in the total.")
     return f"{head}\n\n{table}\n\n{tail}"
+
+
+def format_wall_clock(runs: pd.DataFrame) -> str:
+    """Wall-clock hours per run at the configured GPU count: one row per variant and N (the longest of its data sets
+    and seeds), training on ``gpus`` GPUs of one node, evaluations on one GPU each."""
+    per = (runs.groupby(["variant", "N"], as_index=False, sort=False)
+           .agg(gpus=("gpus", "max"), runs=("seed", "size"), train_gpu_h=("train", "max"),
+                train_wall_h=("train_wall_h", "max"), eval_h=("evaluation", "max"), wall_h=("wall_h", "max")))
+    table = per.to_markdown(index=False, floatfmt=".4g")
+    return ("Wall-clock hours per run (the longest run of each variant and N; training on `gpus` GPUs of one node, "
+            "ideal DDP scaling; evaluations on one GPU each):\n\n" + table)

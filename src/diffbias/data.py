@@ -50,6 +50,7 @@ import re
 import struct
 import tarfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,9 @@ __all__ = [
     "from_model_range",
     "center_crop_resize",
     "load_source",
+    "source_pool",
+    "SourcePool",
+    "PixelImages",
     "preprocess_image",
     "read_idx",
     "rgb_to_luma",
@@ -566,13 +570,16 @@ CELEBA_PARTITION_FILE = "list_eval_partition.txt"
 _NPZ_TEST_KEY = "is_test"
 
 
-def official_split_problem(source: str, loader_kwargs: dict | None = None) -> str | None:
+def official_split_problem(source: str, loader_kwargs: dict | None = None, test_path: str | None = None) -> str | None:
     """Why a source, read with these loader arguments, cannot give an official split (None: it can, or only the
-    files can tell). Checked without touching the data, when the DAG is built."""
+    files can tell). Checked without touching the data, when the DAG is built. A ``test_path`` (the official test
+    images in a second folder, e.g. LSUN's ``*_val`` export) gives any source one."""
     kw = dict(loader_kwargs or {})
+    if test_path:
+        return None
     if source in ("lsun", "image_folder"):
         return (f"source {source!r} has no official test split in the layout read here (one folder of images); "
-                "use split: shuffle, or an npz with an is_test array")
+                "name the folder of its test images as test_path, use split: shuffle, or an npz with an is_test array")
     if source == "fashion_mnist" and "t10k" not in kw.get("splits", ("train", "t10k")):
         return "loader_kwargs.splits leaves out t10k, the official test images"
     if source == "imagenet32" and not kw.get("include_val", True):
@@ -593,7 +600,7 @@ def _celeba_partition(path: str) -> dict[str, int]:
     raise FileNotFoundError(f"no {CELEBA_PARTITION_FILE} in {path} or its parent (CelebA's official partition)")
 
 
-def official_test_mask(source: str, path: str | None, *, max_images: int | None = None,
+def official_test_mask(source: str, path: str | None, *, max_images: int | None = None, test_path: str | None = None,
                        **loader_kwargs) -> np.ndarray | None:
     """A boolean mask over the source's pool (in its loader's order, capped at ``max_images``): True for the data set's
     official test or validation images. None when the source's layout has no official split.
@@ -605,11 +612,16 @@ def official_test_mask(source: str, path: str | None, *, max_images: int | None 
     - ``celeba``: partitions 1 (validation) and 2 (test) of ``list_eval_partition.txt``: the official training
       partition is the only one trained on;
     - ``npz``: the file's ``is_test`` array, when it has one;
-    - ``fixture``: the last quarter of the pool (so that rehearsals exercise the official split).
+    - ``fixture``: the last quarter of the pool (so that rehearsals exercise the official split);
+    - any source with a ``test_path``: the images there, appended after the others (:func:`source_pool`).
 
     Reads headers and file lists only (CelebA: the partition file), never the images.
     """
     kw = dict(loader_kwargs)
+    if test_path:
+        pool = source_pool({"source": source, "path": path, "test_path": test_path, "max_images": max_images,
+                            "loader_kwargs": kw})
+        return np.arange(len(pool.images)) >= pool.test_start
     if official_split_problem(source, kw) is not None:
         return None
     if source == "fashion_mnist":
@@ -669,8 +681,11 @@ def run_test_mask(spec: dict, data_path: str) -> np.ndarray | None:
     :class:`diffbias.runs.TrainedRun` and the shared inputs decide it."""
     if spec["dataset"].get("split", "shuffle") != "official":
         return None
-    if os.path.isdir(data_path):  # a latent cache keeps the mask of the pool it encodes beside its shards
-        mask_file = os.path.join(data_path, f"{_NPZ_TEST_KEY}.npy")
+    data_path = str(data_path)
+    if os.path.isdir(data_path) or os.path.basename(data_path) == "meta.json":
+        # a latent cache (its folder or its meta.json) keeps the mask of the pool it encodes beside its shards
+        mask_file = os.path.join(data_path if os.path.isdir(data_path) else os.path.dirname(data_path),
+                                 f"{_NPZ_TEST_KEY}.npy")
         if not os.path.isfile(mask_file):
             raise ValueError(f"{data_path}: the data set uses split: official but the latent cache has no {_NPZ_TEST_KEY}.npy")
         return np.load(mask_file).astype(bool)
@@ -893,11 +908,45 @@ def load_pool(
     return out, labels
 
 
-def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
-    """The images of a data-set spec as its loader returns them, capped at ``max_images`` and not yet resized:
-    an in-memory uint8 array for array sources, a lazy :class:`LazyImages` for image folders (nothing is
-    read until indexed, so a 1.28M-image ImageNet costs only its file list). Returns ``(images, labels or
-    None, path read)``; :func:`preprocess_image` turns one item into what :func:`load_pool` would hold."""
+@dataclass
+class SourcePool:
+    """The images of a data-set spec as its loader returns them (not yet resized), with their labels, the path read
+    and, when the spec names a ``test_path``, where its images start (they follow the others)."""
+
+    images: Any
+    labels: np.ndarray | None
+    path: str | None
+    test_start: int | None = None  # index of the first image of test_path
+
+
+def _concat_images(a, b):
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.concatenate([a, b])
+    if isinstance(a, LazyImages) and isinstance(b, LazyImages):
+        return LazyImages(a.files + b.files, a.transform)
+    raise TypeError(f"cannot join {type(a).__name__} and {type(b).__name__} images")
+
+
+def _class_folders(source: str, path: str, loader_kwargs: dict) -> list[str] | None:
+    """The class folders whose sorted order gives a labelled folder source its labels (None for other sources)."""
+    if source == "imagenet":
+        split = loader_kwargs.get("split", "train")
+        path = os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path
+    elif source not in ("image_folder", "celeba"):
+        return None
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def source_pool(spec: dict) -> SourcePool:
+    """The images of a data-set spec, capped at ``max_images`` and not yet resized: an in-memory uint8 array for
+    array sources, a lazy :class:`LazyImages` for image folders (nothing is read until indexed, so a 1.28M-image
+    ImageNet costs only its file list).
+
+    ``test_path``: a second location of the same source holding the data set's official test images (LSUN's
+    ``*_val`` export). They are appended after the ``max_images`` first images of ``path``; :func:`official_test_mask`
+    marks them, so that with ``split: official`` the run's test set is drawn from them and training never sees them
+    (:func:`split_indices`' ``is_test``). Labelled folder sources must have the same class folders in both places, or
+    the labels would disagree."""
     source, path = spec["source"], spec.get("path")
     if source not in SOURCES:
         raise KeyError(f"unknown data source {source!r}; known: {sorted(SOURCES)}")
@@ -907,13 +956,60 @@ def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
         raise ValueError(f"source {source!r} needs a path (only fashion_mnist has a default)")
     max_images = spec.get("max_images")
     max_images = None if max_images is None else int(max_images)
-    images, labels = SOURCES[source](path, max_images=max_images, **dict(spec.get("loader_kwargs") or {}))
+    loader_kwargs = dict(spec.get("loader_kwargs") or {})
+    images, labels = SOURCES[source](path, max_images=max_images, **loader_kwargs)
     images, labels = _truncate(images, labels, max_images)
+    test_start = None
+    if spec.get("test_path"):
+        test_images, test_labels = SOURCES[source](spec["test_path"], **loader_kwargs)
+        if (labels is None) != (test_labels is None):
+            raise ValueError(f"{path} and test_path {spec['test_path']} disagree on labels (one has none)")
+        if labels is not None and source != "fixture":
+            ours, theirs = (_class_folders(source, p, loader_kwargs) for p in (path, spec["test_path"]))
+            if ours != theirs:
+                raise ValueError(f"{path} and test_path {spec['test_path']} have different class folders: "
+                                 "labels would disagree")
+        test_start = len(images)
+        images = _concat_images(images, test_images)
+        if labels is not None:
+            labels = np.concatenate([np.asarray(labels, dtype=np.int64), np.asarray(test_labels, dtype=np.int64)])
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    return images, labels, path
+    return SourcePool(images, labels, path, test_start)
+
+
+def load_source(spec: dict) -> tuple[Any, np.ndarray | None, str | None]:
+    """``(images, labels or None, path read)`` of :func:`source_pool`; :func:`preprocess_image` turns one item into
+    what :func:`load_pool` would hold."""
+    pool = source_pool(spec)
+    return pool.images, pool.labels, pool.path
+
+
+class PixelImages:
+    """The images of a data-set spec at its resolution and channels, read and cropped on access as
+    :func:`load_pool` does: ``images[idx]`` is uint8 ``(len(idx), C, R, R)``. For pools that never live in memory as
+    pixels (a latent data set's real images: the FID reference set of ImageNet 256 is 50k x 196 KB)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.pool = source_pool(spec)
+        self.resolution, self.channels = int(spec["resolution"]), int(spec["channels"])
+
+    def __len__(self) -> int:
+        return len(self.pool.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), self.channels, self.resolution, self.resolution)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.channels, self.resolution, self.resolution), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            out[k] = preprocess_image(self.pool.images[int(i)], self.resolution, self.channels)
+        return out
 
 
 def preprocess_image(image, resolution: int, channels: int) -> np.ndarray:
@@ -924,7 +1020,7 @@ def preprocess_image(image, resolution: int, channels: int) -> np.ndarray:
     return _convert_array(np.asarray(image)[None], int(resolution), int(channels))[0]
 
 
-_SPEC_KEYS = ("source", "path", "resolution", "channels", "max_images", "loader_kwargs")
+_SPEC_KEYS = ("source", "path", "test_path", "resolution", "channels", "max_images", "loader_kwargs")
 
 
 def prepare_dataset(spec: dict, out_path: str) -> None:
@@ -933,12 +1029,13 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     ``spec`` keys: ``source`` (a key of :data:`SOURCES`), ``path`` (optional for ``fashion_mnist``,
     default :data:`DEFAULT_FASHION_MNIST_PATH`), ``resolution``, ``channels`` (1 or 3), ``max_images``
     (optional: keep the first ``max_images`` images in file order, before any shuffling; the split is
-    drawn later from this capped pool) and ``loader_kwargs`` (optional dict for the loader). Other keys
-    are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has
-    none), ``meta`` (a JSON string: source, path, resolution, channels, count, ..., and ``config_entry``,
-    ``spec`` itself: the DAG build skips checking the source of a pool prepared from exactly the config
-    entry it would prepare it from again, :func:`diffbias.config.check_datasets`) and, when the source ships an
-    official split, ``is_test`` (bool, :func:`official_test_mask`; pools prepared without it still load). It is written to
+    drawn later from this capped pool), ``test_path`` (optional: the official test images in a second folder,
+    appended after the others, :func:`source_pool`) and ``loader_kwargs`` (optional dict for the loader). Other keys
+    are ignored. The file holds ``images`` (uint8 NCHW), ``labels`` (int64, all -1 when the source has none),
+    ``meta`` (a JSON string: source, path, resolution, channels, count, ..., and ``config_entry``, ``spec`` itself:
+    the DAG build skips checking the source of a pool prepared from exactly the config entry it would prepare it from
+    again, :func:`diffbias.config.check_datasets`) and, when the source ships an official split (or has a
+    ``test_path``), ``is_test`` (bool, :func:`official_test_mask`; pools prepared without it still load). It is written to
     a temporary file in the same directory and moved into place (:func:`diffbias.io.atomic_path`), so
     readers never see a partial file; it gets a normal file's mode, like every other output.
     """
@@ -951,10 +1048,16 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
         path = resolve_fashion_mnist_path(path)  # the folder actually read goes into the meta
     max_images = spec.get("max_images")
     loader_kwargs = dict(spec.get("loader_kwargs") or {})
-    images, labels = load_pool(
-        source, path, resolution=int(spec["resolution"]), channels=int(spec["channels"]),
-        max_images=None if max_images is None else int(max_images), **loader_kwargs,
-    )
+    if spec.get("test_path"):  # the official test images follow the others (source_pool)
+        pool = source_pool({**spec, "path": path})
+        convert = _convert_array if isinstance(pool.images, np.ndarray) else _convert_pils
+        images = convert(pool.images, int(spec["resolution"]), int(spec["channels"]))
+        labels = pool.labels
+    else:
+        images, labels = load_pool(
+            source, path, resolution=int(spec["resolution"]), channels=int(spec["channels"]),
+            max_images=None if max_images is None else int(max_images), **loader_kwargs,
+        )
     has_labels = labels is not None
     meta = {
         "format_version": PREPARED_FORMAT_VERSION,
@@ -973,7 +1076,8 @@ def prepare_dataset(spec: dict, out_path: str) -> None:
     if not has_labels:
         labels = np.full(len(images), -1, dtype=np.int64)
     extra = {}
-    is_test = official_test_mask(source, path, max_images=None if max_images is None else int(max_images), **loader_kwargs)
+    is_test = official_test_mask(source, path, max_images=None if max_images is None else int(max_images),
+                                 test_path=spec.get("test_path"), **loader_kwargs)
     if is_test is not None:  # stored whatever the config's split, so that switching to split: official needs no re-read
         if len(is_test) != len(images):
             raise ValueError(f"{source} at {path}: official test mask of {len(is_test)} images, pool of {len(images)}")

@@ -11,6 +11,8 @@ Seeds 002/003 and DiT train on Stable Diffusion VAE latents; fast-DiT showed tha
   ``shards/latents-00000.npy`` ...    float16 ``(n, 4, h, w)``: images ``[k*S, min((k+1)*S, count))`` of shard k
   ``shards/hflip-00000.npy`` ...      the latents of the mirrored images (only with ``latents.hflip``)
   ``labels.npy``                      int64 ``(count,)``, -1 when the source has no labels
+  ``is_test.npy``                     bool ``(count,)``: the pool's official test images (data.official_test_mask),
+                                      when the source has an official split or the spec a ``test_path``
   ``meta.json``                       written last: the cache is complete exactly when it exists
 
 Every file is written to a temporary name and renamed (:func:`diffbias.io.atomic_path`), so a kill leaves only
@@ -54,7 +56,31 @@ META = "meta.json"
 PLAN = "plan.json"
 LATENT_DEFAULTS = {"posterior": "mean", "seed": 0, "hflip": False, "shard_size": DEFAULT_SHARD_SIZE}
 
-__all__ = ["encode_dataset", "LatentPool", "is_latent_cache", "latent_settings", "shard_ranges"]
+__all__ = ["encode_dataset", "LatentPool", "is_latent_cache", "latent_settings", "shard_ranges", "model_input",
+           "cache_spec"]
+
+# The keys of a data-set entry that decide its latents: the encode job's parameters and the cache's plan hold these
+# only, so editing e.g. test_size or pool_size never re-encodes 1.28M images.
+CACHE_KEYS = ("source", "path", "test_path", "resolution", "channels", "max_images", "loader_kwargs", "latents")
+
+
+def cache_spec(dataset: dict) -> dict:
+    """What a latent data set's cache is encoded from: its entry's :data:`CACHE_KEYS`."""
+    return {k: dataset[k] for k in CACHE_KEYS if k in dataset}
+
+
+def model_input(dataset: dict) -> tuple[int, int]:
+    """(channels, side) of what a model trained on this data-set spec sees: the autoencoder's latent grid for a data
+    set with ``latents`` (SD's VAE: 256x256 RGB -> 4 x 32 x 32), its pixels otherwise. Used wherever a model is built
+    or counted before training (DAG-time checks, counts, cost)."""
+    if not dataset.get("latents"):
+        return int(dataset["channels"]), int(dataset["resolution"])
+    from .autoencoder import autoencoder_geometry
+
+    channels, down = autoencoder_geometry(dataset["latents"]["autoencoder"])
+    if int(dataset["resolution"]) % down:
+        raise ValueError(f"resolution {dataset['resolution']} is not a multiple of the autoencoder's downsampling {down}")
+    return channels, int(dataset["resolution"]) // down
 
 
 def latent_settings(spec: dict) -> dict:
@@ -125,7 +151,8 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
     resolution = int(spec["resolution"])
     ae = autoencoder if autoencoder is not None else Autoencoder.load(lat["autoencoder"], device)
     latent_shape = ae.latent_shape(resolution)
-    images, labels, path_read = data_lib.load_source(spec)
+    source = data_lib.source_pool(spec)
+    images, labels, path_read = source.images, source.labels, source.path
     count = len(images)
     if count == 0:
         raise ValueError(f"data set at {path_read} holds no images")
@@ -187,6 +214,15 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
         _progress(done, count, started, skipped)
     has_labels = labels is not None
     label_arr = labels if has_labels else np.full(count, -1, dtype=np.int64)
+    # the official test mask, stored whatever the config's split (as prepare_dataset does); data.run_test_mask reads it
+    is_test = data_lib.official_test_mask(spec["source"], path_read, max_images=spec.get("max_images"),
+                                          test_path=spec.get("test_path"), **dict(spec.get("loader_kwargs") or {}))
+    if is_test is not None:
+        if len(is_test) != count:
+            raise ValueError(f"{path_read}: official test mask of {len(is_test)} images, pool of {count}")
+        with atomic_path(out / "is_test.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, is_test.astype(bool))
     with atomic_path(out / "labels.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, label_arr.astype(np.int64))
@@ -197,6 +233,7 @@ def encode_dataset(spec: dict, out_dir: str | os.PathLike, *, device: str = "aut
         "shards": [{"start": lo, "stop": hi, **{kind: str(_shard_file(out, kind, k).relative_to(out)) for kind in kinds}}
                    for k, (lo, hi) in enumerate(ranges)],
         "encoded_images_per_s": None if done == skipped else round((done - skipped) / (time.monotonic() - started), 2),
+        "official_test_images": None if is_test is None else int(is_test.sum()),
     }
     write_json(meta, out / META)  # last: its presence is what makes the cache complete
     return meta
@@ -217,6 +254,7 @@ def _start_or_resume(out: Path, plan: dict) -> None:
         log.warning("%s holds shards of another plan (spec, autoencoder, shard or batch size): starting afresh", out)
     shutil.rmtree(out / "shards", ignore_errors=True)
     (out / "labels.npy").unlink(missing_ok=True)
+    (out / "is_test.npy").unlink(missing_ok=True)
     write_json(plan, plan_file)
 
 
@@ -268,6 +306,18 @@ class LatentPool:
 
     def __len__(self) -> int:
         return self.count
+
+    @property
+    def is_test(self) -> np.ndarray | None:
+        """The pool's official test images as a mask (``is_test.npy``), or None when the source has no official split.
+        Whether a run uses it is the data set's ``split`` (data.run_test_mask)."""
+        f = self.root / "is_test.npy"
+        return np.load(f).astype(bool) if f.is_file() else None
+
+    @property
+    def spec(self) -> dict:
+        """The data-set spec the cache was encoded from."""
+        return self.meta["spec"]
 
     @property
     def nbytes(self) -> int:

@@ -53,7 +53,15 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
     shared = measurements.SHARED_INPUTS[name]
     cfg = section_settings(("evaluation", shared.config_key), json.loads(config) if isinstance(config, str) else config)
     set_threads(threads)
-    images, labels, _ = data_lib.load_prepared(data)
+    from .latents import LatentPool, is_latent_cache
+
+    if is_latent_cache(data):  # a latent data set: its real images, read from the source the cache was encoded from
+        from .runs import latent_pixels
+
+        pool = LatentPool(data)
+        images, labels = latent_pixels(pool), pool.labels
+    else:
+        images, labels, _ = data_lib.load_prepared(data)
     spec = {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size, "split": split}}
     split_idx = data_lib.run_split(len(images), spec, data_lib.run_test_mask(spec, data))
     arrays = shared.build(images, labels, split_idx, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)

@@ -18,6 +18,8 @@ from .measurements import Measurement
 # Where each file lives, as Snakemake patterns (wildcards in braces) under {results}.
 PATTERNS = {
     "data": "{results}/data/{dataset}.npz",
+    "latents": "{results}/latents/{dataset}/meta.json",  # written last: the cache is complete when it exists
+    "tiny_autoencoder": "{results}/autoencoders/tiny-sd-vae",
     "run_dir": "{results}/runs/{dataset}/{variant}/N{n}/seed{seed}",
     "checkpoint": "{results}/checkpoints/{dataset}/{variant}/N{n}/seed{seed}/checkpoint.pt",
     "shared": "{results}/shared/{shared}/{dataset}/N{n}/seed{seed}.npz",
@@ -50,6 +52,29 @@ def run_dir(config: dict, run: RunKey) -> str:
 
 def resource(config: dict, group: str, key: str, default):
     return config.get("resources", {}).get(group, {}).get(key, default)
+
+
+def data_input(config: dict, dataset: str) -> str:
+    """What training and measurement jobs read a data set from: its latent cache (``meta.json``, rule
+    ``encode_latents``) when it has ``latents``, else its prepared pixel pool (rule ``prepare_data``)."""
+    kind = "latents" if config["datasets"][dataset].get("latents") else "data"
+    return path(kind, config["results_dir"], dataset=dataset)
+
+
+def tiny_autoencoder(config: dict) -> str:
+    """Where rule ``tiny_autoencoder`` writes the seeded, SD-shaped tiny AutoencoderKL (the rehearsal's)."""
+    return path("tiny_autoencoder", config["results_dir"])
+
+
+def encode_inputs(config: dict, dataset: str) -> dict[str, str]:
+    """Inputs of a data set's encode job: its autoencoder when a rule makes it (the rehearsal's tiny one); a real VAE
+    is a folder fetched once, checked at DAG build (config.check_datasets)."""
+    autoencoder = config["datasets"][dataset]["latents"]["autoencoder"]
+    return {"autoencoder": autoencoder} if autoencoder == tiny_autoencoder(config) else {}
+
+
+def _training(config: dict, variant: str) -> dict:
+    return {**config.get("training", {}), **config["variants"][variant].get("training", {})}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,6 +130,8 @@ def _backbone(config: dict, variant: str) -> tuple[type, dict]:
 
 def applies(config: dict, inst: Instance, run: RunKey) -> bool:
     cls, options = _backbone(config, run.variant)
+    if inst.measurement.class_conditional and not _training(config, run.variant).get("class_conditional"):
+        return False
     return inst.measurement.applies(settings(config, inst.measurement, inst.study), run.n, cls, options)
 
 
@@ -127,8 +154,11 @@ def switched_off(config: dict, study: str) -> dict[str, str]:
     backbones = {v: _backbone(config, v) for v in spec["variants"]}
     mine = study_instances(config, study)
     out = {}
+    conditional = any(_training(config, v).get("class_conditional") for v in spec["variants"])
     for m in measurements.load().values():
         if m.capability and not any(getattr(cls, m.capability, False) for cls, _ in backbones.values()):
+            continue
+        if m.class_conditional and not conditional:
             continue
         inst = mine.get(m.name)
         if inst is None:
@@ -150,7 +180,7 @@ def measurement_inputs(config: dict, name: str, run: RunKey) -> dict[str, str]:
     """Input files of measurement instance ``name`` on ``run``: its model and data, then its needs (named as in
     ``Measurement.needs``); a ``table:`` need only when that measurement applies to the run."""
     results, inst = config["results_dir"], instances(config)[name]
-    inputs = {"model": f"{run_dir(config, run)}/model.pt", "data": path("data", results, dataset=run.dataset)}
+    inputs = {"model": f"{run_dir(config, run)}/model.pt", "data": data_input(config, run.dataset)}
     for need in inst.measurement.needs:
         if need == "snapshots":
             inputs[need] = f"{run_dir(config, run)}/ema_snapshots"
@@ -162,6 +192,20 @@ def measurement_inputs(config: dict, name: str, run: RunKey) -> dict[str, str]:
             if other is not None and applies(config, other, run):
                 inputs[need] = f"{run_dir(config, run)}/{other.name}.parquet"
     return inputs
+
+
+def measurement_files(config: dict, inst: Instance, dataset: str) -> dict[str, str]:
+    """Files a measurement's settings name for a data set's runs (``Measurement.files``), keyed by their place in
+    the config (``evaluation.<measurement>.<setting>.<dataset>``). Like data sources, they are checked on disk at DAG
+    build (config.check_datasets, skipped with DIFFBIAS_SKIP_DATA_CHECK=1), not job inputs: their paths are job
+    parameters, so a changed path reruns the jobs."""
+    m = inst.measurement
+    if m.files is None:
+        return {}
+    own = f"studies.{inst.study}.{m.key}" if inst.study else f"evaluation.{m.key}"
+    shared = f"evaluation.{measurements.get(m.settings_from).key}" if m.settings_from else own
+    return {f"{own if k.split('.')[0] in m.settings else shared}.{k}": v  # a setting it shares lives in the other's
+            for k, v in m.files(settings(config, m, inst.study), dataset).items()}
 
 
 def extra_inputs(inputs: dict[str, str]) -> list[str]:
@@ -195,7 +239,7 @@ def shared_settings(config: dict, shared: str) -> dict:
 
 
 def train_inputs(config: dict, run: RunKey) -> dict[str, str]:
-    inputs = {"data": path("data", config["results_dir"], dataset=run.dataset)}
+    inputs = {"data": data_input(config, run.dataset)}
     pca = config["variants"][run.variant].get("pca_from")
     if pca:  # paper 004 app. C: a PCA variant trains after its baseline, from that baseline's attention maps
         inputs["pca_basis"] = pca_basis_path(config["results_dir"], run, pca)
@@ -221,11 +265,13 @@ def pca_request(config: dict, run: RunKey) -> dict:
 def train_group(config: dict, run: RunKey) -> str | None:
     """SLURM group of a training job: "train_small" for small trainings, none otherwise. Runs on either side of a PCA
     basis stay single: bundling a baseline with its PCA variant would make a group that depends on itself
-    (train -> pca_basis -> train)."""
+    (train -> pca_basis -> train). So do trainings on several GPUs (``training.gpus_per_run``): their job asks for
+    one node (``nodes=1``), which a group would add up over its members."""
     pca_runs = {v for v, spec in config["variants"].items() if spec.get("pca_from")}
     pca_runs |= {spec["pca_from"]["variant"] for spec in config["variants"].values() if spec.get("pca_from")}
     small = run.n <= SMALL_TRAIN_N and resource(config, "train", "runtime", 60) <= SMALL_TRAIN_MINUTES
-    return "train_small" if small and run.variant not in pca_runs else None
+    several_gpus = int(_training(config, run.variant).get("gpus_per_run", 1)) > 1  # one node of its own
+    return "train_small" if small and run.variant not in pca_runs and not several_gpus else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,14 +342,18 @@ def _papers(paper) -> list[str]:
 
 def study_description(config: dict, study: str) -> dict:
     """Everything the study's report and its study-level commands need to know about it."""
+    from .config import KNOWN_NUM_CLASSES
+
     s = config["studies"][study]
+    datasets = study_datasets(s)
     specs = {}
     for v in s["variants"]:
         cls, options = _backbone(config, v)
-        training = {**config.get("training", {}), **config["variants"][v].get("training", {})}
+        training = _training(config, v)
+        conditional = training.get("class_conditional")  # the label table counts in its parameters
         specs[v] = {"backbone": cls.backbone_name, "preset": config["variants"][v].get("preset"), "options": options,
-                    "steps": training.get("steps"), "batch_size": training.get("batch_size")}
-    datasets = study_datasets(s)
+                    "steps": training.get("steps"), "batch_size": training.get("batch_size"),
+                    "num_classes": KNOWN_NUM_CLASSES.get(config["datasets"][datasets[0]]["source"], 10) if conditional else 0}
     mine = study_instances(config, study)
     return {
         "name": study,

@@ -49,6 +49,24 @@ def describe(reproduces: dict[str, str] | str, papers: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+def data_space(study: dict) -> list[str]:
+    """One line per latent data set: where its models and per-run measurements work, and what its FID sees."""
+    from .latents import model_input
+
+    lines = []
+    for name, ds in (study.get("dataset_specs") or {}).items():
+        if ds.get("latents"):
+            channels, side = model_input(ds)
+            lat = ds["latents"]
+            lines.append(f"{name} is a latent data set: {ds['resolution']}x{ds['resolution']} images encoded once by the "
+                         f"autoencoder at {lat['autoencoder']} (posterior {lat.get('posterior', 'mean')}) into "
+                         f"{channels}x{side}x{side} latents. The models train on the latents, and the per-run "
+                         "measurements of the models' inputs run in latent space (column 'space' of their tables); "
+                         "samples are decoded to images, scored against real images at "
+                         f"{ds['resolution']}x{ds['resolution']}.")
+    return lines
+
+
 @section("Overview", "the study's setting: variants, baselines, data, scale and provenance", needs=("train_log",))
 def section_overview(ctx: dict) -> None:
     study, log = ctx["study"], ctx["train_log"]
@@ -62,6 +80,7 @@ def section_overview(ctx: dict) -> None:
         f"Papers reproduced: {papers}.",
         f"Data set(s): {', '.join(datasets(ctx, log))}.  N: {', '.join(map(str, study['N']))}.  "
         f"Seeds: {', '.join(map(str, study['seeds']))}.  Runs: {len(runs)}.",
+        *data_space(study),
         "Scale: " + study.get("scale_note", ""),
         *(["What this study can and cannot show: " + study["summary"]] if study.get("summary") else []),
         *findings,

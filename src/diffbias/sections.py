@@ -166,3 +166,14 @@ def tile(images: np.ndarray) -> np.ndarray:
     for idx, im in enumerate(images):
         grid[(idx // k) * h:(idx // k + 1) * h, (idx % k) * w:(idx % k + 1) * w] = im.transpose(1, 2, 0)
     return grid.squeeze(-1) if c == 1 else grid
+
+
+def space_note(table: pd.DataFrame, what: str) -> str:
+    """Where a per-run measurement ran (its ``space`` column): pixels, or a latent run's autoencoder latents."""
+    spaces = set(table["space"]) if "space" in table else {"pixel"}  # tables from before the column: pixels
+    if spaces == {"pixel"}:
+        return f"{what} in pixel space."
+    if spaces == {"latent"}:
+        return (f"{what} in latent space: on the autoencoder's scaled latents the models train on "
+                "(datasets.<d>.latents), not on images.")
+    return f"{what} in pixel space for some data sets and in latent space for others (column 'space' of the tables)."

@@ -197,7 +197,7 @@ class Trainer:
         else:
             images, labels, meta = data_lib.load_prepared(data_path)
             pool_size = len(images)
-        train_idx, _ = data_lib.run_split(pool_size, spec, data_lib.run_test_mask(spec, data_path))
+        train_idx, _ = data_lib.run_split(pool_size, spec, data_lib.run_test_mask(spec, str(data_path)))
         self.x_twin = None  # latents of the mirrored images (latent data with training.hflip)
         if self.latent_pool is None:
             self.x_train = data_lib.to_model_range(images[train_idx]).to(self.device)  # small data sets live on the device

@@ -26,6 +26,7 @@ rule measure:
         runtime=lambda wc: plan.runtime_minutes(CFG, wc.measurement, run_key(wc)),
         mem_mb=resource("evaluate", "mem_mb", 4000),
         gpu=resource("evaluate", "gpu", 0),
+        gpu_slot=min(1, resource("evaluate", "gpu", 0)),  # slurm/config.yaml: a group's GPU members one at a time
     conda:
         "../envs/diffbias.yaml"
     log:
@@ -47,7 +48,7 @@ use rule measure as measure_with_arrays with:
 # A file several measurements read, built once per (dataset, N, seed), e.g. the FID reference set's features.
 rule shared_input:
     input:
-        data=DATA,
+        unpack(lambda wc: {"data": plan.data_input(CFG, wc.dataset)}),
     output:
         plan.pattern("shared", R),
     params:
@@ -62,6 +63,7 @@ rule shared_input:
         runtime=resource("evaluate", "runtime", 30),
         mem_mb=resource("evaluate", "mem_mb", 4000),
         gpu=resource("evaluate", "gpu", 0),
+        gpu_slot=min(1, resource("evaluate", "gpu", 0)),
     conda:
         "../envs/diffbias.yaml"
     log:

@@ -1,13 +1,13 @@
 # One training per (dataset, variant, N, seed), shared by every study that lists it.
 # Resumable: checkpoints go to a side path Snakemake does not manage (it deletes declared outputs of
 # failed jobs); a retry resumes from there. The trainer stops cleanly before the job's runtime.
-from diffbias.distributed import train_gpus, train_launcher
+from diffbias.distributed import gpus_per_run, train_gpus, train_launcher
 
 
 rule pca_basis:
     input:
         model=f"{RUN_DIR}/model.pt",
-        data=DATA,
+        data=lambda wc: plan.data_input(CFG, wc.dataset),
     output:
         f"{RUN_DIR}/pca_basis.pt",
     params:
@@ -19,6 +19,7 @@ rule pca_basis:
         runtime=resource("evaluate", "runtime", 30),
         mem_mb=resource("evaluate", "mem_mb", 4000),
         gpu=resource("evaluate", "gpu", 0),
+        gpu_slot=min(1, resource("evaluate", "gpu", 0)),
     conda:
         "../envs/diffbias.yaml"
     log:
@@ -48,7 +49,10 @@ rule train:
     resources:
         runtime=lambda wc, attempt: resource("train", "runtime", 60) * attempt,
         mem_mb=resource("train", "mem_mb", 4000),
+        # gpus_per_run GPUs (sbatch --gpus=N) on one node (--nodes=1; such a training is never grouped, plan.train_group)
         gpu=lambda wc: train_gpus(run_spec(CFG, run_key(wc)), resource("train", "gpu", 0)),
+        gpu_slot=lambda wc: min(1, train_gpus(run_spec(CFG, run_key(wc)), resource("train", "gpu", 0))),
+        nodes=lambda wc: 1 if gpus_per_run(run_spec(CFG, run_key(wc))) > 1 else None,
     conda:
         "../envs/diffbias.yaml"
     log:

@@ -16,6 +16,7 @@ measurement. docs/adding-a-measurement.md walks through one.
 Which runs a measurement applies to:
 
 - its ``N`` list (``evaluation.<config_key>.N``; ``null``: every N) holds the run's N;
+- ``class_conditional``: the run is class-conditional (``training.class_conditional``), e.g. guided sampling;
 - its ``capability`` (a backbone class attribute, docs/model-contract.md) is truthy on the run's backbone, and
   ``option``, when set, is a truthy option of the variant;
 - a study-scoped measurement (``study_key`` set, e.g. FreeU's (b, s) grid under ``studies.<s>.freeu_grid``)
@@ -32,7 +33,7 @@ from typing import Any, Callable
 PLUGINS_ENV = "DIFFBIAS_MEASUREMENT_PLUGINS"
 
 # The built-in measurements, in report order: one module each under diffbias/measurements/.
-BUILTIN = ("psnr", "fid", "fid_curve", "freeu", "jacobian", "attention", "gmm_masks", "signal_function")
+BUILTIN = ("psnr", "fid", "fid_guided", "fid_curve", "freeu", "jacobian", "attention", "gmm_masks", "signal_function")
 
 # What a measurement may need besides its run's model and data (Measurement.needs), resolved by diffbias.plan:
 #   "snapshots"       the run's EMA snapshots (training.snapshot_steps)
@@ -66,7 +67,8 @@ class SharedInput:
     """A file several measurements read, built once per (dataset, N, seed) by the generic ``shared_input`` rule
     (``python -m diffbias shared-input <name>``), e.g. the Inception features of an FID reference set.
 
-    ``build(images, labels, split, key, cfg, device, threads) -> dict of arrays`` gets the prepared pool, the
+    ``build(images, labels, split, key, cfg, device, threads) -> dict of arrays`` gets the pool's images (the prepared
+    uint8 array, or for a latent data set a lazy data.PixelImages of its real images: read it in chunks), the
     (train, test) indices of the runs it serves (data.run_split), their key ``{"N", "seed"}`` and its settings
     ``cfg`` = ``evaluation.<config_key>``."""
 
@@ -94,6 +96,10 @@ class Measurement:
     arrays: bool = False  # writes per-run arrays (<name>.npz), packed per study for the report
     preview_items: int | None = None  # items of each array kept in the study-level pack (a preview for figures)
     needs: tuple[str, ...] = ()  # see NEED_KINDS
+    # files named by its settings, per data set: (settings, dataset) -> {subkey of its section: path}, e.g. FID's
+    # reference statistics; checked on disk at DAG build with the data sets (config.check_datasets)
+    files: Callable[[dict, str], dict[str, str]] | None = field(default=None, compare=False)
+    class_conditional: bool = False  # applies only to class-conditional runs (training.class_conditional): guidance
     rehearse: Callable[[dict, dict], None] | None = field(default=None, compare=False)  # (settings, rehearsal)
     cost: Callable[[dict, dict], Cost] | None = field(default=None, compare=False)  # (run spec, settings)
     runtime_units: Callable[[dict, dict], float] | None = field(default=None, compare=False)  # x evaluate runtime
@@ -128,7 +134,7 @@ class Measurement:
                   "description": self.description}
         if self.required:
             schema["required"] = list(self.required)
-        else:
+        elif self.scope == "run":  # a study-scoped section is switched on by being there: no default
             schema["default"] = {}
         return schema
 

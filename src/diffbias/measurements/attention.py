@@ -23,18 +23,18 @@ FIGURE_LAYERS = (1, 6, 12)  # paper 004 figs. 9, 10, 11
 def compute(run, cfg: dict) -> Result:
     import torch
 
-    from .. import data as data_lib
     from ..metrics.attention_maps import attention_analysis, attention_maps
     from ..metrics.jacobian import noisy_input
 
     images = run.test_images(cfg["num_images"])
     df = attention_analysis(run.model, images.x, cfg["t"], labels=images.y)
+    df["space"] = run.space  # a latent run attends over its latent grid
     t0 = cfg["t"][0]
     x_t = torch.stack([noisy_input(img, t0, noise_seed=i) for i, img in enumerate(images.x)])
     with torch.no_grad():
         maps = attention_maps(run.model, x_t, t0, images.y)
     per_layer = {f"layer{i + 1}": m.mean(1).half().cpu().numpy() for i, m in enumerate(maps)}  # head-averaged
-    arrays = {"t": np.array(t0), "images": data_lib.from_model_range(images.x).cpu().numpy(), **per_layer}
+    arrays = {"t": np.array(t0), "images": run.to_pixels(images.x), **per_layer}  # latents: decoded images
     return Result(df, arrays=arrays, meta={"attention": cfg})
 
 

@@ -5,6 +5,14 @@ paper 003 tables 1-2), through torch-fidelity with the offline Inception weights
 The reference set depends only on (dataset, N, seed): its Inception features are the shared input
 ``fid_reference``, built once and read by every variant's FID and FID-curve jobs. KID leads at small sample counts
 (unbiased at any count); FID from a few hundred samples is biased upwards.
+
+Latent runs (papers 002/003) are scored on decoded samples (``TrainedRun.sample`` decodes) against real images of the
+data set at its resolution, read and cropped from the source in chunks (ImageNet's 50k validation images at 256 are
+9.8 GB as pixels). ``reference_statistics`` maps a data set to a precomputed reference ``.npz`` (``mu``/``sigma``, as
+ADM's evaluator's ``VIRTUAL_imagenet256_labeled.npz``): FID is then taken against those statistics, so it compares
+with the papers' FID-50K, and the FID against the reference images is kept as ``fid_images`` (likewise sFID against
+the file's ``mu_s``/``sigma_s`` when it has them, ``sfid_images``); KID and precision/recall stay against the
+reference images.
 """
 
 from __future__ import annotations
@@ -30,7 +38,14 @@ SETTINGS = {
     "guidance_scale": {"type": "number", "minimum": 1, "default": 1.0,
                        "description": "class-conditional runs: classifier-free guidance scale (1 = none); labels are "
                                       "drawn uniformly over the classes"},
+    # no default: configs without it keep their job parameters (and results) unchanged
+    "reference_statistics": {"type": "object", "additionalProperties": {"type": "string"},
+                             "description": "data set -> precomputed FID reference statistics (.npz with mu, sigma: "
+                                            "ADM's VIRTUAL_imagenet256_labeled.npz): FID of that data set's runs is "
+                                            "taken against them (FID-50K as papers 002/003 report it); fid_images "
+                                            "keeps the FID against the reference images"},
 }
+CHUNK = 1000  # reference images read, cropped and pushed through Inception at a time (lazy pools)
 
 # Metrics of the papers that cannot be computed from the offline weights: shown as missing with the reason.
 UNAVAILABLE_METRICS = {
@@ -45,13 +60,40 @@ UNAVAILABLE_METRICS = {
 # ----------------------------------------------------------------------------------------------------
 
 
+def image_features(images, device: str, threads):
+    """Inception features of uint8 images: an array at once (the pixel path), a lazy pool (len, slices: a latent
+    data set's real images) in chunks of CHUNK, never holding more than one chunk of pixels."""
+    import torch
+
+    from ..metrics.fid import inception_features
+
+    if isinstance(images, np.ndarray):
+        return inception_features(images, device=device, cpu_threads=threads)
+    return torch.cat([inception_features(images[s: s + CHUNK], device=device, cpu_threads=threads)
+                      for s in range(0, len(images), CHUNK)])
+
+
+def image_outputs(images, device: str, threads, **kwargs) -> dict:
+    """:func:`diffbias.metrics.fid.inception_outputs` of uint8 images, a lazy pool in chunks of CHUNK (as
+    :func:`image_features`)."""
+    import torch
+
+    from ..metrics.fid import inception_outputs
+
+    if isinstance(images, np.ndarray):
+        return inception_outputs(images, device=device, cpu_threads=threads, **kwargs)
+    parts = [inception_outputs(images[s: s + CHUNK], device=device, cpu_threads=threads, **kwargs)
+             for s in range(0, len(images), CHUNK)]
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+
 def build_reference(images, labels, split, key: dict, cfg: dict, device: str, threads) -> dict:
     """Inception features (and sFID statistics) of the FID reference set of the runs with this (dataset, N, seed)."""
-    from ..metrics.fid import inception_outputs
-    from ..runs import reference_indices
+    from ..runs import ImageRows, reference_indices
 
     idx = reference_indices(split, cfg["reference"], cfg["max_reference"])
-    outputs = inception_outputs(images[idx], device=device, cpu_threads=threads, logits=False)
+    rows = images[idx] if isinstance(images, np.ndarray) else ImageRows(images, idx)  # a latent set's real images
+    outputs = image_outputs(rows, device, threads, logits=False)
     print(f"[fid-reference {key}] {len(idx)} {cfg['reference']} images")
     return {"features": outputs["pool"].numpy(), **spatial_reference_arrays(outputs["spatial"]), "N": key["N"],
             "seed": key["seed"], "reference": cfg["reference"], "max_reference": cfg["max_reference"]}
@@ -68,16 +110,13 @@ def spatial_reference_arrays(spatial) -> dict:
 def reference_spatial(run, cfg: dict) -> dict:
     """The reference set's sFID statistics: from the shared ``fid_reference`` file when it has them (files built
     before sFID was measured do not), else computed here from the same images."""
-    from ..metrics.fid import inception_outputs
-
     path = run.inputs.get("shared:fid_reference")
     if path:
         with np.load(path) as f:
             if "mu_s" in f.files:
                 return {"mu": f["mu_s"], "sigma": f["sigma_s"]}
     images = run.reference_images(cfg["reference"], cfg["max_reference"])
-    arrays = spatial_reference_arrays(inception_outputs(images, device=str(run.device), cpu_threads=run.threads,
-                                                        logits=False)["spatial"])
+    arrays = spatial_reference_arrays(image_outputs(images, str(run.device), run.threads, logits=False)["spatial"])
     return {"mu": arrays["mu_s"], "sigma": arrays["sigma_s"]}
 
 
@@ -104,8 +143,6 @@ def reference_features(run, cfg: dict):
     computed here from the same images."""
     import torch
 
-    from ..metrics.fid import inception_features
-
     path = run.inputs.get("shared:fid_reference")
     if path:
         with np.load(path) as f:
@@ -115,15 +152,15 @@ def reference_features(run, cfg: dict):
             if found != expected:
                 raise SystemExit(f"{path} was computed for {found}, this run needs {expected}")
             return torch.from_numpy(f["features"])
-    return inception_features(run.reference_images(cfg["reference"], cfg["max_reference"]), device=str(run.device),
-                              cpu_threads=run.threads)
+    return image_features(run.reference_images(cfg["reference"], cfg["max_reference"]), str(run.device), run.threads)
 
 
 def score(run, cfg: dict, reference, model=None, spatial_reference: dict | None = None) -> tuple[dict, np.ndarray, float, float]:
     """Sample with the FID settings (labels uniform over the classes when class-conditional) and score them:
     (metrics, samples, sampling seconds, metric seconds). sFID when ``spatial_reference`` is given, the Inception
-    Score when the weights have the classifier (both NaN otherwise)."""
-    from ..metrics.fid import inception_outputs, metrics_from_features
+    Score when the weights have the classifier (both NaN otherwise). With reference statistics for the run's data set
+    (``reference_statistics``), ``fid`` is against them and ``fid_images`` against the reference images."""
+    from ..metrics.fid import fid_from_statistics, inception_outputs, metrics_from_features, sfid_from_features
 
     t0 = time.perf_counter()
     samples = run.sample(cfg["num_samples"], sampling_steps=cfg["sampling_steps"], seed=cfg["sample_seed"],
@@ -134,7 +171,23 @@ def score(run, cfg: dict, reference, model=None, spatial_reference: dict | None 
                                 spatial=spatial_reference is not None)
     metrics = metrics_from_features(outputs["pool"], reference, cpu_threads=run.threads)
     metrics.update(extra_metrics(outputs, spatial_reference))
+    statistics = (cfg.get("reference_statistics") or {}).get(run.run["dataset"])
+    if statistics:
+        metrics["fid_images"] = metrics["fid"]
+        metrics["fid"] = fid_from_statistics(outputs["pool"], statistics)
+        metrics["fid_statistics"] = str(statistics)
+        with np.load(statistics) as f:  # ADM's files also hold the sFID statistics (mu_s, sigma_s)
+            spatial = {"mu": f["mu_s"], "sigma": f["sigma_s"]} if {"mu_s", "sigma_s"} <= set(f.files) else None
+        if spatial is not None and "spatial" in outputs:
+            metrics["sfid_images"] = metrics["sfid"]
+            metrics["sfid"] = sfid_from_features(outputs["spatial"], spatial)
     return metrics, samples, sampling_s, time.perf_counter() - t0
+
+
+def statistics_files(cfg: dict, dataset: str) -> dict[str, str]:
+    """The reference-statistics file of a data set's FID jobs (checked on disk at DAG build)."""
+    path = (cfg.get("reference_statistics") or {}).get(dataset)
+    return {f"reference_statistics.{dataset}": path} if path else {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,6 +220,9 @@ def cost(spec: dict, cfg: dict) -> Cost:
 def rehearse(cfg: dict, r: dict) -> None:
     cfg.update(num_samples=r["fid_samples"], max_reference=r["fid_reference"],
                sampling_steps=min(cfg["sampling_steps"], r["respacing"]), batch_size=min(cfg["batch_size"], 64))
+    # ADM's reference batches cannot be had offline: the rehearsal scores against the reference images only (the
+    # statistics path is tested on a latent run in tests/test_latent_runs.py)
+    cfg.pop("reference_statistics", None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,6 +355,7 @@ register_measurement(Measurement(
     arrays=True,
     preview_items=16,  # the report draws 16 of the (up to 50k) samples
     needs=("shared:fid_reference",),
+    files=statistics_files,
     cost=cost,
     rehearse=rehearse,
     renamed={"steps": "sampling_steps"},  # "steps" means optimiser steps

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..sections import display, plt, save_figure, section, variants
 from . import Cost, Measurement, Result, register_measurement
-from .fid import reference_features, sampling_forwards, score
+from .fid import reference_features, sampling_forwards, score, statistics_files
 
 
 def compute(run, cfg: dict) -> Result:
@@ -82,6 +82,7 @@ register_measurement(Measurement(
     settings_from="fid",
     N=[],
     needs=("snapshots", "shared:fid_reference", "table:fid"),
+    files=statistics_files,
     cost=cost,
     runtime_units=lambda spec, cfg: points(spec),
     sections=(section_fid_curve,),

@@ -42,15 +42,14 @@ SETTINGS = {
 
 
 def compute(run, grid: dict) -> Result:
-    from ..metrics.fid import inception_features
     from ..models.uvit import freeu_scaling
     from ..runs import sampling_labels
-    from .fid import score
+    from .fid import image_features, score
 
     cfg = {"num_samples": grid["num_samples"], "sampling_steps": grid["sampling_steps"], "sample_seed": grid["sample_seed"],
            "batch_size": grid["batch_size"], "guidance_scale": grid["guidance_scale"]}
-    reference = inception_features(run.reference_images(grid["reference"], grid["max_reference"]), device=str(run.device),
-                                   cpu_threads=run.threads)  # once per grid
+    reference = image_features(run.reference_images(grid["reference"], grid["max_reference"]), str(run.device),
+                               run.threads)  # once per grid
     rows, kept = [], {}
     picks = shown_samples(run.num_classes, grid)
     if picks is not None:  # the labels the samples were drawn with (the same at every point): rows of the figure

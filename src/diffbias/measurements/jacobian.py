@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import analysis
 from ..sections import (by_variant_then_n, datasets, display, first_runs, frame_table, plt, save_figure, section,
-                        text_page)
+                        space_note, text_page)
 from . import Cost, Measurement, Result, register_measurement
 
 SETTINGS = {
@@ -36,6 +36,7 @@ def compute(run, cfg: dict) -> Result:
     df, vecs = jacobian_analysis(run.model, images.x, cfg["t"], labels=images.y, chunk_size=cfg["chunk_size"],
                                  top_k=cfg["top_k"], method=cfg["method"], block_size=cfg["block_size"],
                                  max_products=cfg["max_products"], tol=cfg["tol"])
+    df["space"] = run.space  # a latent run's Jacobian is the denoiser's in latent space (4 channels)
     return Result(df, arrays={"eigenvectors": vecs.numpy(), "t": np.array(cfg["t"])}, meta={"jacobian": cfg})
 
 
@@ -44,8 +45,10 @@ def cost(spec: dict, cfg: dict) -> Cost:
     symmetric products (a forward-mode and a reverse pass, 6 forwards each; an upper bound)."""
     from ..metrics.jacobian import AUTO_FULL_MAX_D
 
-    ds = spec["dataset"]
-    d = ds["channels"] * ds["resolution"] ** 2
+    from ..latents import model_input
+
+    channels, side = model_input(spec["dataset"])  # a latent run differentiates in latent space
+    d = channels * side ** 2
     method = cfg["method"] if cfg["method"] != "auto" else ("full" if d <= AUTO_FULL_MAX_D else "lanczos")
     per = 3.0 * d if method == "full" else 6.0 * cfg["max_products"]
     return Cost(forwards=per * cfg["num_images"] * len(cfg["t"]))
@@ -99,7 +102,7 @@ def section_jacobian(ctx: dict) -> None:
     asym.insert(1, "model", asym.pop("variant").map(lambda v: display(ctx, v)))
     ctx["pdf"].table("Jacobian asymmetry", frame_table(asym, formats={"asymmetry": ".4f"}),
                      caption="||J - J^T||_F / ||J||_F of the denoiser Jacobian (eigenvectors are those of the symmetrised "
-                             "Jacobian), mean over images and seeds.")
+                             "Jacobian), mean over images and seeds. " + space_note(jac, "Jacobians"))
 
 
 register_measurement(Measurement(

@@ -3,6 +3,12 @@
 The gap = PSNR(train) - PSNR(test) > 0 means the model denoises the images it was trained on better than unseen
 ones: memorisation. MSE is averaged over the K images first, then PSNR with M = 2; x0_hat is the VP one-step
 estimate, unclipped by default (the paper's eq. 3).
+
+A latent run (papers 002/003's setting) is measured where it trains, on its cached latents (``space`` column
+"latent"), with the same M = 2: the gap does not depend on M (it cancels in PSNR_train - PSNR_test), and the SD
+scale factor 0.18215 was chosen to give the latents unit variance, the scale the noise schedule is calibrated for, as
+for pixels in [-1, 1]; a data-dependent peak (the cache's max - min) would move with outliers and differ between data
+sets. ``clip`` is not applied to latents (they have no [-1, 1] range); ``x0_clipped`` records what was done.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import numpy as np
 
 from .. import analysis
 from ..sections import (NotApplicable, datasets, display, layout_table, plt, reduced_variants, save_figure, section,
-                        variants, write_table)
+                        space_note, variants, write_table)
 from . import Cost, Measurement, Result, register_measurement
 
 SETTINGS = {
@@ -30,11 +36,13 @@ def compute(run, cfg: dict) -> Result:
 
     k = cfg["num_images"]
     train, test = run.train_images(k), run.test_images(k)  # all N training images when N < K
+    clip = cfg["clip"] and run.space == "pixel"  # [-1, 1] is the pixels' range; latents have none
     df = psnr_gap(run.model, train.x, test.x, train_labels=train.y, test_labels=test.y, respacing=cfg["respacing"],
-                  noise_seed=cfg["noise_seed"], batch_size=cfg["batch_size"], clip=cfg["clip"])
-    df["x0_clipped"] = cfg["clip"]
+                  noise_seed=cfg["noise_seed"], batch_size=cfg["batch_size"], clip=clip)
+    df["x0_clipped"] = clip
+    df["space"] = run.space
     print(f"[psnr {run.run}] mean gap {df['gap'].mean():.3f} dB over {len(df)} steps (K={len(train)}/{len(test)}, "
-          f"x0 clipped: {cfg['clip']})")
+          f"x0 clipped: {clip}, {run.space} space)")
     return Result(df, meta={"psnr": {"K_train": len(train), "K_test": len(test)}})
 
 
@@ -90,7 +98,8 @@ def section_gap_table(ctx: dict) -> None:
     ctx["pdf"].table("Mean PSNR gap (dB), lower is better", layout_table(layout),
                      caption=f"Mean over the respaced steps, then mean ± std over seeds {', '.join(map(str, study['seeds']))}. "
                              "Best value of each column within a block in bold; under each variant its change against "
-                             "its own baseline (same backbone and preset). " + clip_note(ctx["psnr"]))
+                             "its own baseline (same backbone and preset). " + clip_note(ctx["psnr"]) + " "
+                             + space_note(ctx["psnr"], "PSNR"))
 
 
 @section("PSNR of one-step denoising, train vs test",

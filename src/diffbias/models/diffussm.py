@@ -337,3 +337,11 @@ register_preset("DiffuSSM-T-noHG", "diffussm", tiny=True, hidden_size=64, depth=
 # GFLOPs/image are not stated (Table 1 only gives training totals), so no gflops reference.
 register_preset("DiffuSSM-XL", "diffussm", hidden_size=1152, depth=29, patch_size=1, hourglass=2,
                 reference={"params": 673e6, "input": (4, 32)})
+# Paper 003 fig. 6 left (model scaling): S at D = 384 and L at D = 768 (printed "786"; 768 is DiT-B's width and a
+# multiple of 64, 786 is neither). Depths are not stated: DiT's depth of the same name plus one layer, the rule the
+# paper states for XL (DiT-XL's 28 + 1 = 29, "an additional DiffuSSM layer" to match parameters): S 12 + 1, L 24 + 1.
+register_preset("DiffuSSM-S", "diffussm", hidden_size=384, depth=13, patch_size=1, hourglass=2,
+                reference={"input": (4, 32), "note": "D = 384 from paper 003 fig. 6; depth 13 chosen (DiT-S + 1)"})
+register_preset("DiffuSSM-L", "diffussm", hidden_size=768, depth=25, patch_size=1, hourglass=2,
+                reference={"input": (4, 32), "note": "D = 768 (printed 786) from paper 003 fig. 6; depth 25 chosen "
+                                                     "(DiT-L + 1)"})
