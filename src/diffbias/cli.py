@@ -70,7 +70,7 @@ def cmd_shared_input(args) -> None:
     from .measure import build_shared_input
 
     build_shared_input(args.name, data=args.data, n=args.n, seed=args.seed, test_size=args.test_size,
-                       config=args.config, out=args.out, device=args.device, threads=args.threads)
+                       config=args.config, out=args.out, device=args.device, threads=args.threads, split=args.split)
 
 
 def cmd_pca_basis(args) -> None:
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arrays-out", default=None, help="the per-run .npz (measurements with arrays)")
     p.add_argument("--config", default="{}", help="its settings, as JSON (the schema fills the defaults)")
     p.add_argument("--input", action="append", default=[], metavar="NEED=PATH",
-                   help="a file it needs: snapshots=DIR, shared:<name>=FILE, table:<name>=FILE")
+                   help="a file it needs: snapshots=DIR, twin=MODEL (the split-B twin run's model.pt), "
+                        "shared:<name>=FILE, table:<name>=FILE")
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("shared-input", parents=[common], help="a file several measurements read, built once per "
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, required=True, help="training-set size N of the runs it serves")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--test-size", type=int, required=True, help="the data set's test_size (defines the split)")
+    p.add_argument("--split", default="A", choices=("A", "B"), help="the training part of the runs it serves "
+                   "(variants.<v>.split)")
     p.add_argument("--config", default="{}", help="its settings section, as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_shared_input)

@@ -20,8 +20,9 @@ def measure(name: str, *, model: str, data: str, out: str, arrays_out: str | Non
 
     m = measurements.get(name)
     cfg = measurement_settings(name, json.loads(config) if isinstance(config, str) else config)
-    # a shared input or another table is optional (the measurement computes without it); snapshots are not
-    missing = [need for need in m.needs if need == "snapshots" and need not in (inputs or {})]
+    # a shared input or another table is optional (the measurement computes without it); snapshots and the twin
+    # run's model are not
+    missing = [need for need in m.needs if need in measurements.REQUIRED_NEEDS and need not in (inputs or {})]
     if missing:
         raise SystemExit(f"measurement {name!r} needs the inputs {missing} (--input {missing[0]}=PATH)")
     set_threads(threads)
@@ -43,8 +44,9 @@ def measure(name: str, *, model: str, data: str, out: str, arrays_out: str | Non
 
 
 def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: int, config: str | dict, out: str,
-                       device: str = "auto", threads: int | None = None) -> None:
-    """One shared input (e.g. the FID reference features) of the runs with this (dataset, N, seed)."""
+                       device: str = "auto", threads: int | None = None, split: str = "A") -> None:
+    """One shared input (e.g. the FID reference features) of the runs with this (dataset, N, seed) and training
+    part ``split`` (variants.<v>.split)."""
     from . import data as data_lib
     from .config import section_settings
     from .device import resolve_device, set_threads
@@ -54,6 +56,8 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
     cfg = section_settings(("evaluation", shared.config_key), json.loads(config) if isinstance(config, str) else config)
     set_threads(threads)
     images, labels, _ = data_lib.load_prepared(data)
-    split = data_lib.run_split(len(images), {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size}})
-    arrays = shared.build(images, labels, split, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)
+    indices = data_lib.run_split(len(images), {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size},
+                                               "split": split})
+    arrays = shared.build(images, labels, indices, {"N": n, "seed": seed, "split": split}, cfg,
+                          str(resolve_device(device)), threads)
     write_npz(out, **arrays)
