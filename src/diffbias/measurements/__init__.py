@@ -32,7 +32,7 @@ from typing import Any, Callable
 PLUGINS_ENV = "DIFFBIAS_MEASUREMENT_PLUGINS"
 
 # The built-in measurements, in report order: one module each under diffbias/measurements/.
-BUILTIN = ("psnr", "fid", "fid_curve", "freeu", "jacobian", "attention", "gmm_masks")
+BUILTIN = ("psnr", "memorisation", "reproducibility", "fid", "fid_curve", "freeu", "jacobian", "attention", "gmm_masks")
 
 # What a measurement may need besides its run's model and data (Measurement.needs), resolved by diffbias.plan:
 #   "snapshots"       the run's EMA snapshots (training.snapshot_steps)

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "COPY_RATIO",
+    "Rows",
     "as_vectors",
     "centred_unit",
     "nearest",
@@ -34,6 +35,20 @@ __all__ = [
 ]
 
 COPY_RATIO = 1.0 / 3.0  # Gu et al. 2023 and Bonnaire et al.: a sample is a copy when d1 / d2 < 1/3
+
+
+class Rows:
+    """Rows ``idx`` of a pool (e.g. a run's training images) without copying them: the search reads one slice at a
+    time, so a 10^6-image uint8 pool is never duplicated."""
+
+    def __init__(self, pool, idx):
+        self.pool, self.idx = pool, np.asarray(idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, key):
+        return self.pool[self.idx[key]]
 
 
 def as_vectors(images) -> torch.Tensor:
@@ -77,7 +92,7 @@ def nearest(queries, reference, k: int = 2, *, metric: str = "l2", embed: Callab
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     embed = embed or as_vectors
     dev = torch.device(device)
-    q = embed(queries).to(dev)
+    q = embed(queries[:] if isinstance(queries, Rows) else queries).to(dev)
     n_ref = len(reference)
     if n_ref < k + (1 if exclude_self else 0):
         raise ValueError(f"need at least {k + int(exclude_self)} reference items for k={k}, got {n_ref}")
