@@ -238,3 +238,71 @@ def test_trained_models_on_two_disjoint_images_each_disagree(pool, tmp_path):
         measure("reproducibility", model=str(tmp_path / "A/model.pt"), data=str(pool), out=str(out),
                 arrays_out=str(tmp_path / "x.npz"), config={"num_samples": 4, "sampling_steps": 5},
                 inputs={"twin": str(tmp_path / "A/model.pt")}, device="cpu", threads=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: the new sections and the claims table, from the measurements' own outputs
+# ----------------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_report_draws_copies_gallery_pairs_and_claims(pool, tmp_path):
+    """Memorising models (the empirical optimal denoiser) at N = 2 and 10, split A and B, through the measurements'
+    compute, the study aggregation and the report: the sections render and the claims get their verdicts."""
+    import json
+
+    from diffbias import analysis, cli, report
+    from diffbias.io import write_npz, write_parquet
+    from diffbias.measurements import memorisation, psnr, reproducibility
+
+    mem_cfg = settings("memorisation", num_samples=16, sampling_steps=20, inception_max_N=0, gallery=3, bootstrap=100)
+    rep_cfg = settings("reproducibility", num_samples=16, sampling_steps=20, bootstrap=100, pairs=3)
+    psnr_cfg = settings("psnr", num_images=8, respacing=5, bootstrap=100)
+    tables = {"psnr": [], "memorisation": [], "reproducibility": []}
+    packs = {"memorisation": [], "reproducibility": []}
+    for n in (2, 10):
+        runs = {split: memorising_run(pool, n, split) for split in "AB"}
+        for split, run in runs.items():
+            key = {"dataset": "fmnist8", "variant": run.run["variant"], "N": n, "seed": 0}
+            tables["psnr"].append(psnr.compute(run, psnr_cfg).table.assign(**key))
+            result = memorisation.compute(run, mem_cfg)
+            tables["memorisation"].append(result.table.assign(**key))
+            write_npz(tmp_path / f"mem_{split}{n}.npz", **result.arrays)
+            packs["memorisation"].append((analysis.run_key(*key.values()), str(tmp_path / f"mem_{split}{n}.npz")))
+        result = reproducibility.paired_samples(runs["A"], runs["B"].model, runs["B"].split[0], rep_cfg)
+        tables["reproducibility"].append(result.table.assign(dataset="fmnist8", variant="dit", N=n, seed=0))
+        write_npz(tmp_path / f"rep{n}.npz", **result.arrays)
+        packs["reproducibility"].append((f"fmnist8/dit/N{n}/seed0", str(tmp_path / f"rep{n}.npz")))
+    claims = [
+        {"text": "copies at both N", "quantity": "memorised_fraction", "higher": {"N": 2}, "than": {"N": 10}},
+        {"text": "the twins agree more at N = 10", "quantity": "reproducibility", "higher": {"N": 10},
+         "than": {"N": 2}, "variants": ["dit"]},
+        {"text": "never measured here", "quantity": "fid", "lower": "dit", "than": "dit_b"},
+    ]
+    study = {"name": "mem", "title": "memorising models", "scale_note": "", "summary": "", "papers": ["004"],
+             "variants": ["dit", "dit_b"], "baseline": "dit", "datasets": ["fmnist8"], "N": [2, 10], "seeds": [0],
+             "labels": {"dit": "DiT", "dit_b": "DiT (split B)"}, "twins": {"dit": "dit_b"}, "claims": claims,
+             "variant_specs": {v: {"backbone": "dit", "preset": "DiT-T/2", "options": {}} for v in ("dit", "dit_b")},
+             "settings": {"memorisation": mem_cfg}, "switched_off": {}, "count_dataset": "fmnist8"}
+    study_dir = tmp_path / "studies/mem"
+    for name, frames in tables.items():
+        write_parquet(pd.concat(frames, ignore_index=True).assign(label=lambda f: f["variant"]),
+                      study_dir / f"{name}.parquet", {"study": study, "runs": {}})
+    for name, pairs in packs.items():
+        cli.main(["aggregate-arrays", "--runs", json.dumps([k for k, _ in pairs]), "--out",
+                  str(study_dir / f"arrays/{name}.npz")] + [p for _, p in pairs])
+    sections = report.build_report(study, study_dir, tmp_path / "mem.pdf")
+    titles = [s.title for s in sections]
+    for title in ("Copies: memorised fraction", "Nearest-neighbour gallery", "Distances to the training set",
+                  "Two models on disjoint data", "Two models on disjoint data: example pairs", "Claims tested"):
+        assert title in titles, title
+    assert titles[-2:] == ["Claims tested", "Not in this report"]  # the claims close the report's sections
+    assert "Memorisation over training" not in titles  # no snapshots: said on the closing page, not drawn
+    closing = json.loads((study_dir / "tables/report_sections.json").read_text())["nothing_drawn"]
+    assert any(line.startswith("Memorisation over training: no EMA snapshots") for line in closing)
+    claims_md = (study_dir / "tables/claims.md").read_text()
+    assert "unresolved at this precision" in claims_md  # both N copy everything: no difference to resolve
+    assert "not measured" in claims_md
+    figures = {p.name for p in (study_dir / "figures").glob("*.png")}
+    assert {"memorisation_gallery_fmnist8_N2.png", "memorisation_gallery_fmnist8_N10.png",
+            "memorisation_distances.png", "reproducibility_curve.png", "reproducibility_pairs_fmnist8_dit.png"} <= figures

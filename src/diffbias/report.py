@@ -155,15 +155,22 @@ def section_claims(ctx: dict) -> None:
     write_table(ctx, "claims", summary)
     if len(details):
         write_table(ctx, "claims_details", details)
-    shown = summary.assign(measured=[f"{r['for']} for / {r['against']} against / {r['unresolved']} unresolved"
-                                     for _, r in summary.iterrows()])
-    shown = shown[["claim", "source", "quantity", "direction", "measured", "verdict", "basis"]].rename(
-        columns={"claim": "#", "direction": "claimed", "basis": "intervals over"})
+    import textwrap
+
+    rows = []  # the claim's words wrapped over continuation rows (table cells do not wrap)
+    for _, r in summary.iterrows():
+        words = textwrap.wrap(r["text"] + (f" ({r['source']})" if r["source"] else ""), 70)
+        rows.append({"#": str(r["claim"]), "claim": words[0], "quantity": r["quantity"], "claimed": r["direction"],
+                     "for / against / unresolved": f"{r['for']} / {r['against']} / {r['unresolved']}",
+                     "verdict": r["verdict"], "intervals over": r["basis"]})
+        rows += [{"#": "", "claim": line, "quantity": "", "claimed": "", "for / against / unresolved": "",
+                  "verdict": "", "intervals over": ""} for line in words[1:]]
+    shown = pd.DataFrame(rows)
     one_seed = len(study.get("seeds") or []) == 1
-    notes = [f"{r['claim']}. {r['text']}" + (f" ({r['source']})" if r["source"] else "") for _, r in summary.iterrows()]
-    notes += ["Rule: " + analysis.COMPARISON_RULE,
-              "Verdict: reproduced when every comparison is resolved in the claimed direction, contradicted when any "
-              "is resolved against it, otherwise unresolved at this precision."]
+    notes = ["Rule: " + analysis.COMPARISON_RULE,
+             "Verdict: reproduced when every comparison is resolved in the claimed direction, contradicted when any "
+             "is resolved against it, otherwise unresolved at this precision; not measured when no comparison has "
+             "both sides measured."]
     if one_seed:
         notes.append("This study has one training seed: every interval covers evaluation noise only (the images or "
                      "samples of one trained model), so 'reproduced' means reproduced by these models, not that the "
@@ -172,8 +179,8 @@ def section_claims(ctx: dict) -> None:
                      "it makes (per data set, and per N or variant as the claim leaves open) and the verdict derived "
                      "from the intervals.", notes=notes)
     if len(details):
-        shown = details.rename(columns={"claim": "#", "a": "side claimed " + "lower/higher", "b": "compared with",
-                                        "a_value": "value", "b_value": "value ", "yardstick": "twin yardstick"})
+        shown = details.rename(columns={"claim": "#", "a": "claimed side", "b": "compared with", "a_value": "value",
+                                        "b_value": "value ", "yardstick": "twin yardstick"})
         ctx["pdf"].table("Claims tested: each comparison", frame_table(shown, formats={"difference": "+.4f",
                                                                                           "twin yardstick": ".4f"}),
                          caption="value: mean [95 % interval] with one seed, mean ± std with several; twin "

@@ -193,6 +193,12 @@ def load(spec: str | None = None) -> dict[str, Measurement]:
     for name in (s.strip() for s in spec.split(",")):
         if name:
             importlib.import_module(name)
+    # built-ins in BUILTIN order whatever was imported first (a module imported directly registers itself early)
+    ordered = {name: MEASUREMENTS[name] for name in BUILTIN if name in MEASUREMENTS}
+    ordered.update((name, m) for name, m in MEASUREMENTS.items() if name not in ordered)
+    if list(ordered) != list(MEASUREMENTS):
+        MEASUREMENTS.clear()
+        MEASUREMENTS.update(ordered)
     return MEASUREMENTS
 
 

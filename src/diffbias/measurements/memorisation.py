@@ -246,6 +246,9 @@ def runtime_units(spec: dict, cfg: dict) -> float:
 
 
 def rehearse(cfg: dict, r: dict) -> None:
+    # the smallest N only: paper-004 measures every run (120 in its rehearsal), and a rehearsal job is mostly process
+    # start; one N exercises every code path, the closing page of the other studies' reports says it is off
+    cfg["N"] = [min(r["N_values"])] if cfg["N"] is None else sorted(cfg["N"])[:1]
     cfg.update(num_samples=min(cfg["num_samples"], max(r["fid_samples"], 4)),
                sampling_steps=min(cfg["sampling_steps"], r["respacing"]), batch_size=min(cfg["batch_size"], 64),
                gallery=min(cfg["gallery"], 2), reference_images=min(cfg["reference_images"], r["fid_reference"]),
@@ -308,7 +311,7 @@ def section_fraction(ctx: dict) -> None:
     long = analysis.compare(fraction_per_run(memo).rename(columns={"value": "fraction"}), study, "fraction")
     layout = analysis.layout_comparison(long, study, digits=3, datasets=datasets(ctx, memo))
     write_table(ctx, "memorised_fraction", layout)
-    ctx["pdf"].table("Memorised fraction (copies among the samples), lower = less memorisation", layout_table(layout),
+    ctx["pdf"].table("Memorised fraction (lower: fewer copies)", layout_table(layout),
                      caption=settings_note(memo) + f" Changes against the baseline marked {analysis.RESOLVED_MARK} "
                                                    "when the comparison rule resolves them.",
                      notes=["Comparison rule: " + analysis.COMPARISON_RULE, analysis.basis_note(long)])
@@ -419,36 +422,45 @@ def section_histograms(ctx: dict) -> None:
         raise NotMeasured("no distance arrays")
     pyplot = plt()
     fig, axes = pyplot.subplots(2, len(panels), figsize=(3.3 * len(panels) + 1.5, 5.0), squeeze=False)
+
+    def hist(ax, values, bins, **style):  # fractions per bin: a spike of exact copies stays readable beside the rest
+        values = np.asarray(values, dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
+            ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, weights=np.full(len(values), 1 / len(values)),
+                    histtype="step", **style)
+
     for j, (d, n) in enumerate(panels):
         cell = runs[(runs["dataset"] == d) & (runs["N"] == n)]
-        refs_drawn = False
-        for v in variants(ctx, cell):
-            seed = int(cell[cell["variant"] == v]["seed"].iloc[0])
-            arrays = packed.get(analysis.run_key(d, v, n, seed))
-            if arrays is None:
-                continue
-            for i, key in enumerate(("samples_d1", "samples_ratio")):
-                values = np.asarray(arrays[key], dtype=float)
-                values = values[np.isfinite(values)]
-                if len(values):
-                    axes[i][j].hist(values, bins=30, histtype="step", density=True, label=display(ctx, v))
-            if not refs_drawn:  # reference distributions of the first variant's training set (split A: shared)
-                for key, row_, name, colour, style in (("test_d1", 0, "test-to-train", "k", "--"),
-                                                       ("train_d1", 0, "train-to-train (nearest other)", "0.5", ":"),
-                                                       ("test_ratio", 1, "test-to-train", "k", "--")):
-                    if key in arrays and len(arrays[key]):
-                        axes[row_][j].hist(np.asarray(arrays[key], dtype=float), bins=30, histtype="step",
-                                           density=True, color=colour, linestyle=style, label=name)
-                refs_drawn = True
+        found = [(v, packed.get(analysis.run_key(d, v, n, int(cell[cell["variant"] == v]["seed"].iloc[0]))))
+                 for v in variants(ctx, cell)]
+        found = [(v, a) for v, a in found if a is not None]
+        top = max([float(np.nanmax(a[k])) for _, a in found for k in ("samples_d1", "test_d1", "train_d1")
+                   if k in a and len(a[k]) and np.isfinite(a[k]).any()] + [1e-3])
+        d_bins, r_bins = np.linspace(0, 1.05 * top, 31), np.linspace(0, 1, 31)
+        for v, arrays in found:
+            hist(axes[0][j], arrays["samples_d1"], d_bins, label=display(ctx, v))
+            hist(axes[1][j], arrays["samples_ratio"], r_bins, label=display(ctx, v))
+        if found:  # reference distributions of the first variant's training set
+            arrays = found[0][1]
+            for key, row_, bins, name, colour, style in (
+                    ("test_d1", 0, d_bins, "test-to-train", "k", "--"),
+                    ("train_d1", 0, d_bins, "train-to-train (nearest other)", "0.5", ":"),
+                    ("test_ratio", 1, r_bins, "test-to-train", "k", "--")):
+                if key in arrays:
+                    hist(axes[row_][j], arrays[key], bins, color=colour, linestyle=style,
+                         label=f"{name} ({display(ctx, found[0][0])})")
         threshold = float(memo["threshold"].iloc[0])
         axes[1][j].axvline(threshold, color="crimson", lw=0.8)
         axes[0][j].set_title(f"{d}, N={n}", fontsize=8)
         axes[0][j].set_xlabel("d1: RMS distance to the nearest training image")
         axes[1][j].set_xlabel(f"d1/d2 (copy below {threshold:.2g}, red line)")
+        axes[0][j].set_ylabel("fraction of images")
+        axes[1][j].set_ylabel("fraction of images")
     axes[0][-1].legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1))
     axes[1][-1].legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle("Distances to the training set: generated samples per variant against held-out test images "
-                 "(test-to-train) and training images (train-to-train, nearest other image); densities")
+                 "(test-to-train) and training images (train-to-train, nearest other image)")
     save_figure(ctx, fig, "memorisation_distances")
 
 
@@ -462,7 +474,7 @@ register_measurement(Measurement(
                 "train-to-train references; a nearest-neighbour gallery",
     compute=compute,
     settings=SETTINGS,
-    N=None,
+    N=[],  # opt-in: sampling and searching every run is a config's choice (config.yaml, paper-004.yaml)
     arrays=True,
     needs=("snapshots", "shared:train_inception"),
     cost=cost,

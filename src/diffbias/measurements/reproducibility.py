@@ -165,13 +165,16 @@ def section_curve(ctx: dict) -> None:
             ax.plot(same["N"], same["mean"], ls=":", marker="s", ms=2, color=line[0].get_color(), lw=0.9,
                     label=f"{display(ctx, v)}: fraction of pairs above {runs['threshold'].iloc[0]:.2f}")
         ax.set_xscale("log")
+        ns = sorted(sub["N"].unique())
+        ax.set_xticks(ns, [f"{n:g}" for n in ns])
+        ax.minorticks_off()
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("N (training images per model)")
         ax.set_ylabel("correlation / fraction")
         ax.set_title(d)
     axes[0][-1].legend(fontsize=5.5, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle("Two models trained on disjoint sets of N images, sampled from the same noise (Kadkhodaie et al. "
-                 "2024): memorisation = each copies its own set; generalisation = both give the same sample")
+                 "2024):\nmemorisation = each copies its own set; generalisation = both give the same sample", fontsize=8)
     save_figure(ctx, fig, "reproducibility_curve")
     cells = analysis.summarise(corr_per_run(table))
     same = analysis.summarise(same_per_run(table))
