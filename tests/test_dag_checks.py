@@ -8,6 +8,7 @@
 
 import copy
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -64,8 +65,10 @@ def test_models_are_built_once_per_distinct_model_and_shape():
     _meta_build_error.cache_clear()
     validate_config(raw)
     info = _meta_build_error.cache_info()
-    # every variant at 3x32x32: one build each, however many data sets, N and seeds use them
-    assert info.misses == len(raw["variants"]) and info.hits > 0
+    # every distinct model at 3x32x32: one build each, however many data sets, N, seeds and training splits use
+    # them (xs_b is xs on split B: the same model)
+    models = {(v.get("preset"), json.dumps(v.get("options") or {}, sort_keys=True)) for v in raw["variants"].values()}
+    assert info.misses == len(models) and info.hits > 0
     validate_config(raw)
     assert _meta_build_error.cache_info().misses == info.misses
 

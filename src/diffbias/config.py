@@ -214,8 +214,8 @@ def _check_semantics(config: dict) -> None:
             parts = split_parts(config, study["variants"])
             for n in study["N"]:
                 if pool is not None and parts * n + ds["test_size"] > pool:
-                    twice = f"2 x N={2 * n} (a split-B variant trains on the N images before split A's)" if parts == 2 \
-                        else f"N={n}"
+                    twice = (f"N={n} twice ({2 * n}: a split-B variant trains on the N images before split A's)"
+                             if parts == 2 else f"N={n}")
                     raise ConfigError(
                         f"{skey}.N",
                         f"{twice} plus test_size={ds['test_size']} exceeds the {pool} images of dataset {dataset!r}",
@@ -386,9 +386,12 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     from .data import check_source
 
     wanted: dict[str, int] = {}
+    twice: dict[str, bool] = {}
     for study in config["studies"].values():
         for dataset in study_datasets(study):  # a split-B variant uses the N images before split A's
-            wanted[dataset] = max(wanted.get(dataset, 0), *(split_parts(config, study["variants"]) * n for n in study["N"]))
+            parts = split_parts(config, study["variants"])
+            wanted[dataset] = max(wanted.get(dataset, 0), *(parts * n for n in study["N"]))
+            twice[dataset] = twice.get(dataset, False) or parts == 2
         for variant in study["variants"]:  # a PCA basis from another data set's run reads that data set too
             pca = config["variants"][variant].get("pca_from") or {}
             if pca.get("dataset"):
@@ -409,8 +412,10 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
             raise ConfigError(f"datasets.{key}.pool_size", f"pool_size={ds['pool_size']} but {shown} holds {count} images")
         usable = min(count, ds["max_images"]) if ds.get("max_images") else count
         if wanted[key] + ds["test_size"] > usable:
-            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than {wanted[key]} training images "
-                              f"(the largest N, twice with a split-B variant) plus test_size={ds['test_size']}")
+            need = (f"{wanted[key]} training images (the largest N twice: a study has a split-B variant)"
+                    if twice.get(key) else f"N={wanted[key]}")
+            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than {need} plus "
+                              f"test_size={ds['test_size']}")
 
 
 def split_parts(config: dict, variants: Iterable[str]) -> int:

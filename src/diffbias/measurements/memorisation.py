@@ -56,7 +56,7 @@ SETTINGS = {
                         "description": "Inception-space nearest neighbours for runs with N at most this (null: every "
                                        "run; 0: none): features of all N training images (a shared input per dataset, "
                                        "N, seed and split); Inception on a CPU runs a few images/s"},
-    "inception_samples": {"type": ["integer", "null"], "minimum": 1, "default": None,
+    "inception_samples": {"type": ["integer", "null"], "minimum": 2, "default": None,
                           "description": "samples (and test images) searched in Inception space (null: all)"},
     "search_chunk": {"type": "integer", "minimum": 256, "default": 16384,
                      "description": "training images per chunk of the nearest-neighbour search"},
