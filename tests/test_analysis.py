@@ -86,8 +86,9 @@ def test_layout_has_a_column_block_per_dataset_and_a_row_block_per_backbone():
     assert kinds == [("block", "DiT-XS/1"), ("row", "DiT-XS/1"), ("row", "w/ Local"), ("change", "vs DiT-XS/1"),
                      ("block", "DiT-S/1"), ("row", "DiT-S/1"), ("row", "w/ Local"), ("change", "vs DiT-S/1")]
     s_local_change = layout.rows[7][2]
-    # (3.05-4.05)/4.05, (1.55-2.05)/2.05, (6.05-8.05)/8.05, (3.05-4.05)/4.05
-    assert [c.text for c in s_local_change] == ["-24.69%", "-24.39%", "-24.84%", "-24.69%"]
+    # (3.05-4.05)/4.05, (1.55-2.05)/2.05, (6.05-8.05)/8.05, (3.05-4.05)/4.05; two seeds with std 0.0707 give
+    # t-intervals of +-0.635: only the imagenet N = 1000 difference (2.0) clears both intervals and is marked
+    assert [c.text for c in s_local_change] == ["-24.69%", "-24.39%", "-24.84%*", "-24.69%"]
     s_local = layout.rows[6][2]
     assert s_local[0].text == "3.0500 ± 0.0707" and s_local[0].bold
     md = analysis.format_table(layout, "markdown")
@@ -127,3 +128,84 @@ def test_array_pack_round_trip(tmp_path):
     assert analysis.parse_run(runs[1]) == ("celeba", "s", 1000, 43)
     with pytest.raises(ValueError, match="run keys"):
         analysis.aggregate_arrays(inputs, runs[:1], out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The comparison rule and claims
+# ----------------------------------------------------------------------------------------------------
+
+
+def per_run(values: dict, seeds=(0,), half_width=None) -> pd.DataFrame:
+    """Per-run frame of a quantity: values[(variant, N)] = mean; seed i adds 0.01 * i; with one seed and
+    half_width, the run's own interval value +- half_width."""
+    rows = []
+    for (v, n), value in values.items():
+        for i, seed in enumerate(seeds):
+            row = {"dataset": "d", "variant": v, "N": n, "seed": seed, "value": value + 0.01 * i}
+            if half_width is not None:
+                row.update(low=row["value"] - half_width, high=row["value"] + half_width)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def claim_study(**extra) -> dict:
+    return {"variants": ["base", "head", "tail"], "baseline": "base", "datasets": ["d"], "N": [10, 1000],
+            "seeds": [0], "labels": {}, "variant_specs": {}} | extra
+
+
+GAPS = {("base", 10): 2.0, ("head", 10): 1.5, ("tail", 10): 2.1, ("base", 1000): 0.20, ("head", 1000): 0.18,
+        ("tail", 1000): 0.25}
+
+
+def test_resolve_needs_disjoint_intervals_and_says_which_basis():
+    one = analysis.summarise(per_run(GAPS, half_width=0.05)).set_index(["variant", "N"])
+    assert set(one["basis"]) == {"images"}
+    assert analysis.resolve(one.loc[("head", 10)], one.loc[("base", 10)]) == -1  # 1.5 +- .05 vs 2.0 +- .05
+    assert analysis.resolve(one.loc[("tail", 10)], one.loc[("base", 10)]) == 1  # 2.1 vs 2.0: [2.05, 2.15], [1.95, 2.05]
+    assert analysis.resolve(one.loc[("head", 1000)], one.loc[("base", 1000)]) == 0  # overlap
+    assert analysis.resolve(one.loc[("head", 10)], one.loc[("base", 10)], yardstick=0.6) == 0  # within the twin's
+    none = analysis.summarise(per_run(GAPS)).set_index(["variant", "N"])
+    assert set(none["basis"]) == {"none"} and analysis.resolve(none.loc[("head", 10)], none.loc[("base", 10)]) == 0
+    three = analysis.summarise(per_run(GAPS, seeds=(0, 1, 2))).set_index(["variant", "N"])
+    cell = three.loc[("head", 10)]  # values 1.50, 1.51, 1.52: t(0.975, 2) = 4.303, sd 0.01
+    assert cell["basis"] == "seeds" and cell["high"] - cell["mean"] == pytest.approx(4.303 * 0.01 / np.sqrt(3), rel=1e-3)
+
+
+def test_claim_verdicts_come_from_the_intervals():
+    claims = [
+        {"text": "head lower than base at every N", "paper": "004", "item": "fig. 6", "quantity": "gap",
+         "lower": "head", "than": "base"},
+        {"text": "head lower than tail and base", "quantity": "gap", "lower": "head", "than": ["tail", "base"]},
+        {"text": "tail lower than base", "quantity": "gap", "lower": "tail", "than": "base", "N": [10]},
+        {"text": "N = 10 memorises more", "quantity": "gap", "higher": {"N": 10}, "than": {"N": 1000}},
+        {"text": "never measured", "quantity": "fid", "lower": "head", "than": "base"},
+    ]
+    summary, details = analysis.evaluate_claims(claims, {"gap": per_run(GAPS, half_width=0.05)}, claim_study())
+    verdicts = dict(zip(summary["text"], summary["verdict"]))
+    assert verdicts == {"head lower than base at every N": "unresolved at this precision",  # N=1000 overlaps
+                        "head lower than tail and base": "unresolved at this precision",
+                        "tail lower than base": "contradicted",
+                        "N = 10 memorises more": "reproduced",  # every variant: 1.5-2.1 vs 0.18-0.25
+                        "never measured": "not measured"}
+    first = summary.iloc[0]
+    assert first["source"] == "paper 004 fig. 6" and (first["for"], first["unresolved"]) == (1, 1)
+    assert first["basis"] == "one seed: evaluation noise only"
+    assert summary.iloc[3]["comparisons"] == 3 and len(details[details["claim"] == 4]) == 3
+    # three seeds with a clear difference everywhere: reproduced, over seeds
+    wide = {k: v * (1 if k[0] != "head" else 0.5) for k, v in GAPS.items()}
+    summary, _ = analysis.evaluate_claims(claims[:1], {"gap": per_run(wide, seeds=(0, 1, 2))},
+                                          claim_study(seeds=[0, 1, 2]))
+    assert summary.iloc[0]["verdict"] == "reproduced" and summary.iloc[0]["basis"] == "seeds"
+
+
+def test_one_seed_differences_within_the_twin_yardstick_stay_unresolved():
+    """With one seed, the baseline's split-B twin (the same recipe on other images) shows what the training data
+    alone change; a difference no larger than that is not resolved, whatever the image intervals say."""
+    gaps = dict(GAPS) | {("base_b", 10): 1.3, ("base_b", 1000): 0.2}  # the twin differs from base by 0.7 at N=10
+    study = claim_study(variants=["base", "head", "tail", "base_b"], twins={"base": "base_b"})
+    claims = [{"text": "head lower than base at N=10", "quantity": "gap", "lower": "head", "than": "base", "N": [10]}]
+    summary, details = analysis.evaluate_claims(claims, {"gap": per_run(gaps, half_width=0.05)}, study)
+    assert summary.iloc[0]["verdict"] == "unresolved at this precision"
+    assert details.iloc[0]["yardstick"] == pytest.approx(0.7)
+    long = analysis.compare(per_run(gaps, half_width=0.05).rename(columns={"value": "gap"}), study, "gap")
+    assert long.set_index(["variant", "N"]).loc[("head", 10), "resolved"] == ""  # the tables use the same rule

@@ -69,8 +69,8 @@ def test_models_are_built_once_per_distinct_model_and_shape():
     validate_config(raw)
     info = _meta_build_error.cache_info()
     # every distinct model at 3x32x32: one build each, however many variants (table 1's † rows differ from theirs in
-    # training only), data sets, N and seeds use it
-    models = {(v.get("preset"), json.dumps(v.get("options", {}), sort_keys=True)) for v in raw["variants"].values()}
+    # training only), data sets, N, seeds and training splits use it (xs_b is xs on split B: the same model)
+    models = {(v.get("preset"), json.dumps(v.get("options") or {}, sort_keys=True)) for v in raw["variants"].values()}
     assert info.misses == len(models) == 16 and info.hits > 0
     validate_config(raw)
     assert _meta_build_error.cache_info().misses == info.misses

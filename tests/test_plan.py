@@ -27,27 +27,32 @@ def runs_of(config, inst):
 
 def test_instances_and_the_runs_they_apply_to(micro):
     inst = plan.instances(micro)
-    assert set(inst) == {"psnr", "fid", "fid_curve", "jacobian", "attention", "gmm_masks", "signal_function"}  # no FreeU grid
+    assert set(inst) == {"psnr", "memorisation", "reproducibility", "fid", "fid_curve", "jacobian", "attention",
+                         "gmm_masks", "signal_function"}  # no FreeU grid declared
     assert runs_of(micro, inst["signal_function"]) == []  # DiT has no signal function
     runs = {name: [r.n for r in plan.measured_runs(micro, "micro", i)] for name, i in inst.items()}
     assert runs["psnr"] == [10, 50, 10, 50] and runs["fid"] == [50, 50] and runs["fid_curve"] == [50, 50]
     assert runs["gmm_masks"] == []  # DiT has no masks
+    assert runs["reproducibility"] == []  # no variant has a split-B twin
+    assert runs["memorisation"] == [10, 10]
 
 
 def test_study_tables_inputs_and_array_packs(micro):
     tables = plan.study_tables(micro, "micro")
-    assert set(tables) == {"train_log", "counts", "counts_by_length", "psnr", "fid", "fid_curve", "jacobian", "attention"}
+    assert set(tables) == {"train_log", "counts", "counts_by_length", "psnr", "memorisation", "fid", "fid_curve",
+                           "jacobian", "attention"}
     assert tables["fid"] == "results/studies/micro/fid.parquet"
     assert plan.table_inputs(micro, "micro", "fid") == ["results/runs/fmnist8/dit/N50/seed0/fid.parquet",
                                                         "results/runs/fmnist8/dit_local/N50/seed0/fid.parquet"]
     assert len(plan.table_inputs(micro, "micro", "train_log")) == 4
     packs = plan.study_arrays(micro, "micro")
-    assert set(packs) == {"fid", "jacobian", "attention"}  # the measurements with arrays
+    assert set(packs) == {"memorisation", "fid", "jacobian", "attention"}  # the measurements with arrays
     fid = packs["fid"]
     assert fid.out == "results/studies/micro/arrays/fid.npz" and fid.preview_items == 16
     assert fid.runs == ("fmnist8/dit/N50/seed0", "fmnist8/dit_local/N50/seed0")
     assert fid.files[0] == "results/runs/fmnist8/dit/N50/seed0/fid.npz"
-    assert set(plan.report_inputs(micro, "micro")) == set(tables) | {"arrays_fid", "arrays_jacobian", "arrays_attention"}
+    assert set(plan.report_inputs(micro, "micro")) == set(tables) | {"arrays_memorisation", "arrays_fid",
+                                                                     "arrays_jacobian", "arrays_attention"}
 
 
 def test_measurement_inputs_follow_the_needs(micro):
@@ -76,7 +81,8 @@ def test_settings_runtime_and_shared_inputs(micro):
 def test_switched_off_names_the_config_switch(micro):
     cfg = dict(micro, evaluation=dict(micro["evaluation"], jacobian=dict(micro["evaluation"]["jacobian"], N=[])))
     off = plan.switched_off(cfg, "micro")
-    assert off == {"jacobian": "evaluation.jacobian.N = [] (study N: [10, 50])"}  # not gmm/FreeU: DiT cannot take them
+    assert off == {"jacobian": "evaluation.jacobian.N = [] (study N: [10, 50])",  # not gmm/FreeU: DiT cannot take them
+                   "reproducibility": "no variant of the study has a split-B twin (a variant differing only by split: B)"}
 
 
 def test_study_description_carries_papers_settings_and_switches():
@@ -178,3 +184,97 @@ def test_counts_by_length_counts_each_architecture_at_the_listed_sides():
     for variant, sub in table.groupby("variant"):
         assert set(sub["side"]) <= {4, 8, 16, 32} and len(sub) >= 2, variant
         assert (sub["seq_len"] == sub["side"] ** 2).all() and sub.sort_values("side")["gmacs"].is_monotonic_increasing
+# ----------------------------------------------------------------------------------------------------
+# Split B, twins and claims
+# ----------------------------------------------------------------------------------------------------
+
+
+def micro_with_twin(**study) -> dict:
+    """The micro config with `dit_b`: the baseline's recipe on split B, listed in the study."""
+    raw = yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
+    raw["variants"]["dit_b"] = {**raw["variants"]["dit"], "label": "DiT (split B)", "split": "B"}
+    raw["studies"]["micro"]["variants"].append("dit_b")
+    raw["studies"]["micro"].update(study)
+    return raw
+
+
+def test_a_split_b_twin_pairs_its_runs_and_keys_their_shared_inputs(micro):
+    from diffbias.config import run_spec, spec_hash
+
+    cfg = validate_config(micro_with_twin())
+    dit, dit_b, local = (RunKey("fmnist8", v, 50, 0) for v in ("dit", "dit_b", "dit_local"))
+    assert spec_hash(run_spec(cfg, dit)) == spec_hash(run_spec(micro, dit))  # split-A runs keep their hash
+    assert run_spec(cfg, dit_b)["split"] == "B" and "split" not in run_spec(cfg, dit)
+    assert plan.twin_run(cfg, dit) == dit_b
+    assert plan.twin_run(cfg, local) is None and plan.twin_run(cfg, dit_b) is None  # B runs are not paired again
+    repro = plan.instances(cfg)["reproducibility"]
+    assert plan.measured_runs(cfg, "micro", repro) == [RunKey("fmnist8", "dit", 10, 0), dit]  # once per pair
+    inputs = plan.measurement_inputs(cfg, "reproducibility", dit)
+    assert inputs["twin"] == "results/runs/fmnist8/dit_b/N50/seed0/model.pt"
+    # the FID reference (training images) of a split-B run is its own file; split A keeps its path
+    assert plan.measurement_inputs(cfg, "fid", dit)["shared:fid_reference"] == \
+        "results/shared/fid_reference/fmnist8/N50/seed0.npz"
+    assert plan.measurement_inputs(cfg, "fid", dit_b)["shared:fid_reference"] == \
+        "results/shared/fid_reference/fmnist8/N50/seed0_splitB.npz"
+    assert plan.split_from_suffix("_splitB") == "B" and plan.split_from_suffix("") == "A"
+    description = plan.study_description(cfg, "micro")
+    assert description["twins"] == {"dit": "dit_b"} and "reproducibility" not in description["switched_off"]
+    # a study that lists the baseline without its twin has no reproducibility runs
+    cfg["studies"]["other"] = {**cfg["studies"]["micro"], "variants": ["dit", "dit_local"]}
+    assert plan.measured_runs(cfg, "other", repro) == []
+
+
+def test_inception_shared_input_only_where_the_measurement_uses_it(micro):
+    cfg = validate_config(micro_with_twin(N=[10, 50]) | {
+        "evaluation": {**micro_with_twin()["evaluation"], "memorisation": {"N": [10, 50], "inception_max_N": 10}}})
+    run10, run50 = RunKey("fmnist8", "dit_b", 10, 0), RunKey("fmnist8", "dit_b", 50, 0)
+    assert plan.measurement_inputs(cfg, "memorisation", run10)["shared:train_inception"] == \
+        "results/shared/train_inception/fmnist8/N10/seed0_splitB.npz"
+    assert "shared:train_inception" not in plan.measurement_inputs(cfg, "memorisation", run50)
+
+
+def test_split_b_needs_twice_n_in_the_pool():
+    from diffbias.config import ConfigError
+
+    raw = micro_with_twin(N=[10, 150])  # 150 + 20 test images fit in 300, 2 x 150 + 20 do not
+    with pytest.raises(ConfigError, match="split-B variant") as err:
+        validate_config(raw)
+    assert err.value.key == "studies.micro.N"
+    raw = yaml.safe_load((ROOT / "workflow/configs/micro.yaml").read_text())
+    raw["studies"]["micro"]["N"] = [10, 150]
+    validate_config(raw)  # without a split-B variant it fits
+
+
+@pytest.mark.parametrize("claim, key, message", [
+    ({"text": "x", "quantity": "psnr_gap", "lower": "nope", "than": "dit"}, "studies.micro.claims.0.lower",
+     "not one of the study's variants"),
+    ({"text": "x", "quantity": "psnr_gap", "lower": "dit_local", "than": {"N": 10}}, "studies.micro.claims.0.than",
+     "fixes the same keys"),
+    ({"text": "x", "quantity": "psnr_gap", "higher": {"N": 10}, "than": {"N": 20}}, "studies.micro.claims.0.than",
+     "N=20 is not one of the study's N"),
+    ({"text": "x", "quantity": "psnr_gapp", "lower": "dit_local", "than": "dit"}, "studies.micro.claims.0.quantity",
+     "psnr_gapp"),
+    ({"text": "x", "quantity": "memorised_fraction", "lower": "dit_local", "than": "dit", "N": [50]},
+     "studies.micro.claims.0.quantity", r"measured at evaluation.memorisation.N = \[10\]"),
+    ({"text": "x", "quantity": "psnr_gap", "lower": "dit_local", "higher": "dit", "than": "dit"},
+     "studies.micro.claims.0", "valid under each of"),
+])
+def test_a_bad_claim_fails_at_dag_build_naming_its_key(claim, key, message):
+    from diffbias.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        validate_config(micro_with_twin(N=[10, 50], claims=[claim]))
+    assert err.value.key == key
+
+
+def test_claims_are_mapped_onto_the_rehearsal_grid():
+    raw = micro_with_twin(N=[10, 20, 50], claims=[
+        {"text": "N=10 memorises more", "quantity": "psnr_gap", "higher": {"N": 10}, "than": {"N": 50}},
+        {"text": "dropped: N=20 is not kept", "quantity": "psnr_gap", "higher": {"N": 20}, "than": {"N": 50}},
+        {"text": "local lower at N=50", "quantity": "psnr_gap", "lower": "dit_local", "than": "dit", "N": [50]}])
+    overlay = yaml.safe_load((ROOT / "workflow/configs/rehearsal.yaml").read_text())
+    overlay["rehearsal"]["min_resolution"] = 8
+    cfg = validate_config({**raw, **overlay})
+    claims = cfg["studies"]["micro"]["claims"]
+    assert [c["text"] for c in claims] == ["N=10 memorises more", "local lower at N=50"]
+    assert claims[0]["higher"] == {"N": 8} and claims[0]["than"] == {"N": 16} and claims[1]["N"] == [16]

@@ -73,3 +73,43 @@ def test_same_noise_for_every_model():
     a = psnr_curve(ZeroEps(), x0, respacing=5, noise_seed=1)
     b = psnr_curve(ZeroEps(), x0, respacing=5, noise_seed=1, batch_size=1)
     np.testing.assert_allclose(a["psnr"], b["psnr"], rtol=1e-6)
+
+
+def test_gap_bootstrap_over_the_k_images():
+    from diffbias.metrics.psnr import gap_bootstrap
+
+    steps = 4
+    # every image has the same error: every resample is the point estimate, 10 log10(2) = 3.01 dB at each step
+    same = gap_bootstrap(np.full((10, steps), 0.01), np.full((30, steps), 0.02), resamples=50)
+    np.testing.assert_allclose(same, 10 * np.log10(2), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    train, test = rng.gamma(2.0, 0.005, size=(300, steps)), rng.gamma(2.0, 0.01, size=(300, steps))
+    point = np.clip(psnr_from_mse(train.mean(0)) - psnr_from_mse(test.mean(0)), 0, None).mean()
+    reps = gap_bootstrap(train, test, resamples=500, seed=1).mean(axis=1)
+    low, high = np.quantile(reps, [0.025, 0.975])
+    assert low < point < high
+    few = gap_bootstrap(train[:30], test[:30], resamples=500, seed=1).mean(axis=1)
+    assert np.ptp(np.quantile(few, [0.025, 0.975])) > 2 * (high - low)  # 10x fewer images: ~3x wider
+    np.testing.assert_array_equal(reps, gap_bootstrap(train, test, resamples=500, seed=1).mean(axis=1))  # seeded
+
+
+def test_psnr_measurement_adds_its_intervals_beside_the_unchanged_columns(tiny_dataset):
+    from diffbias.config import section_settings
+    from diffbias.measurements import load, psnr
+    from diffbias.runs import TrainedRun
+    from diffbias.data import load_prepared
+
+    load()
+    images, labels, _ = load_prepared(str(tiny_dataset))
+    spec = {"run": {"dataset": "tiny", "variant": "v", "N": 20, "seed": 0}, "dataset": {"test_size": 20}}
+    run = TrainedRun(ZeroEps(), {"spec": spec, "step": 1, "num_classes": 0}, images, None, torch.device("cpu"), 1)
+    cfg = section_settings(("evaluation", "psnr"), {"num_images": 8, "respacing": 5, "bootstrap": 200})
+    table = psnr.compute(run, cfg).table
+    assert list(table.columns[:5]) == ["step", "t", "psnr_train", "psnr_test", "gap"]
+    assert (table["gap_low"] <= table["gap"] + 1e-9).all() and (table["gap"] <= table["gap_high"] + 1e-9).all()
+    assert table["mean_gap_low"].nunique() == 1 and table["mean_gap_low"].iloc[0] <= table["gap"].mean()
+    assert (table["K_train"] == 8).all() and (table["bootstrap"] == 200).all()
+    per = psnr.gap_per_run(table.assign(dataset="tiny", variant="v", N=20, seed=0))
+    assert per.iloc[0]["value"] == pytest.approx(table["gap"].mean()) and per.iloc[0]["low"] == table["mean_gap_low"].iloc[0]
+    none = psnr.compute(run, dict(cfg, bootstrap=0)).table
+    assert none["gap_low"].isna().all() and (none["gap"] == table["gap"]).all()

@@ -192,25 +192,212 @@ def per_run_mean(table: pd.DataFrame, value: str) -> pd.DataFrame:
 def compare(per_run: pd.DataFrame, study: dict, value: str, lower_is_better: bool = True) -> pd.DataFrame:
     """Long comparison table: per (dataset, variant, N) the mean, std and count over seeds of `value`, the
     variant's block and baseline, the % change of the mean against its own baseline's mean at the same
-    (dataset, N), and whether it is the best mean of its (block, dataset, N) column."""
-    stats = per_run.groupby(["dataset", "variant", "N"], as_index=False)[value].agg(["mean", "std", "count"])
-    stats = stats.rename(columns={"count": "seeds"})
+    (dataset, N), and whether it is the best mean of its (block, dataset, N) column.
+
+    Also each cell's 95 % interval (``low``, ``high``, ``basis``: :func:`summarise`, from ``per_run``'s own
+    ``low``/``high`` columns when it has them) and ``resolved``: whether its difference from its baseline is resolved
+    by :data:`COMPARISON_RULE` ("lower", "higher", or "" when unresolved)."""
+    intervals = per_run[RUN_KEYS + [value] + [c for c in ("low", "high") if c in per_run]].rename(columns={value: "value"})
+    stats = summarise(intervals)
     baseline = resolve_baselines(study)
     block_of = {v: i for i, b in enumerate(variant_blocks(study)) for v in b.variants}
     stats = stats[stats["variant"].isin(block_of)].copy()
     stats["block"] = stats["variant"].map(block_of)
     stats["baseline"] = stats["variant"].map(baseline)
     stats["label"] = stats["variant"].map(lambda v: study.get("labels", {}).get(v, v))
-    base_mean = stats.set_index(["dataset", "variant", "N"])["mean"]
-    changes = []
+    cells = stats.set_index(["dataset", "variant", "N"])
+    yard = yardsticks(stats, study)
+    changes, resolved = [], []
     for r in stats.itertuples():
-        base = base_mean.get((r.dataset, r.baseline, r.N), np.nan) if r.baseline not in (None, r.variant) else np.nan
+        key = (r.dataset, r.baseline, r.N)
+        has_base = r.baseline not in (None, r.variant) and key in cells.index
+        base = cells.loc[key, "mean"] if has_base else np.nan
         changes.append(100.0 * (r.mean - base) / base if np.isfinite(base) and base != 0 else np.nan)
+        outcome = resolve(r._asdict(), cells.loc[key].to_dict(), yard.get((r.dataset, r.N))) if has_base else 0
+        resolved.append({-1: "lower", 1: "higher", 0: ""}[outcome])
     stats["change_pct"] = changes
+    stats["resolved"] = resolved
     column = stats.groupby(["block", "dataset", "N"])["mean"]
     stats["best"] = stats["mean"] == (column.transform("min") if lower_is_better else column.transform("max"))
     stats["best"] &= column.transform("count") > 1  # a single row is not "best" of anything
     return stats.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Intervals and the comparison rule
+# ----------------------------------------------------------------------------------------------------
+
+CONFIDENCE = 0.95
+COMPARISON_RULE = (
+    "A difference is resolved only when the two 95 % intervals do not overlap. With several seeds the interval is "
+    "the t-interval of the mean over seeds (seeds change the training images, the initialisation and the evaluation "
+    "noise). With one seed it is each run's own interval over its evaluation images or samples (bootstrap), which "
+    "covers evaluation noise only: another training seed could change the result; where the study has the "
+    "baseline's split-B twin (the same recipe on N other images), the difference must also exceed the baseline's "
+    "difference from its twin, one draw of what a change of training data alone does. Non-overlap is conservative: "
+    "it resolves fewer differences than a test on the difference would.")
+
+
+def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, variant, N) of a per-run frame (run keys, ``value``, optional ``low``/``high``): mean, std and
+    number of seeds, and a 95 % interval with its basis:
+
+    - ``basis="seeds"`` (2 or more seeds): the t-interval of the mean over seeds;
+    - ``basis="images"`` (one seed): the run's own ``low``/``high`` (evaluation noise only);
+    - ``basis="none"``: one seed and no interval of its own (low/high NaN)."""
+    from scipy.stats import t as student_t
+
+    rows = []
+    for (d, v, n), sub in per_run.groupby(["dataset", "variant", "N"], sort=True):
+        values = sub["value"].to_numpy(dtype=float)
+        mean, seeds = float(values.mean()), len(values)
+        std = float(values.std(ddof=1)) if seeds > 1 else np.nan
+        if seeds > 1:
+            half = float(student_t.ppf(0.5 + CONFIDENCE / 2, seeds - 1)) * std / np.sqrt(seeds)
+            low, high, basis = mean - half, mean + half, "seeds"
+        elif {"low", "high"} <= set(sub) and np.isfinite(sub["low"].iloc[0]) and np.isfinite(sub["high"].iloc[0]):
+            low, high, basis = float(sub["low"].iloc[0]), float(sub["high"].iloc[0]), "images"
+        else:
+            low, high, basis = np.nan, np.nan, "none"
+        rows.append({"dataset": d, "variant": v, "N": n, "mean": mean, "std": std, "seeds": seeds, "low": low,
+                     "high": high, "basis": basis})
+    return pd.DataFrame(rows, columns=["dataset", "variant", "N", "mean", "std", "seeds", "low", "high", "basis"])
+
+
+def resolve(a: Mapping, b: Mapping, yardstick: float | None = None) -> int:
+    """:data:`COMPARISON_RULE` on two :func:`summarise` cells: -1 when a is resolved lower than b, +1 higher, 0 when
+    unresolved (intervals overlap or missing, or, with one seed, a difference within ``yardstick``)."""
+    lows, highs = (a["low"], b["low"]), (a["high"], b["high"])
+    if not all(np.isfinite(x) for x in (*lows, *highs)):
+        return 0
+    if a["basis"] != "seeds" and b["basis"] != "seeds" and yardstick is not None and np.isfinite(yardstick):
+        if abs(a["mean"] - b["mean"]) <= yardstick:
+            return 0
+    if a["high"] < b["low"]:
+        return -1
+    if a["low"] > b["high"]:
+        return 1
+    return 0
+
+
+def yardsticks(cells: pd.DataFrame, study: dict) -> dict[tuple, float]:
+    """Per (dataset, N): |baseline - its split-B twin| (study["twins"]), the largest over the study's baselines with
+    a twin; empty when the study has no twin of a baseline."""
+    twins = {b: t for b, t in (study.get("twins") or {}).items() if b in baselines_of(study) or not baselines_of(study)}
+    index = cells.set_index(["dataset", "variant", "N"])["mean"]
+    out: dict[tuple, float] = {}
+    for base, twin in twins.items():
+        for (d, v, n), value in index.items():
+            if v == base and (d, twin, n) in index.index:
+                out[(d, n)] = max(out.get((d, n), 0.0), abs(value - index[(d, twin, n)]))
+    return out
+
+
+def interval_text(cell: Mapping, digits: int) -> str:
+    """``mean [low, high]`` (one seed with an interval), ``mean ± std`` (several seeds) or ``mean``."""
+    if cell["basis"] == "images":
+        return f"{cell['mean']:.{digits}f} [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
+    return format_value(cell["mean"], cell["std"], int(cell["seeds"]), digits)
+
+
+def basis_note(cells: pd.DataFrame) -> str:
+    """One sentence on what the intervals of these cells cover."""
+    bases = set(cells["basis"])
+    if bases == {"seeds"}:
+        return f"Intervals over {int(cells['seeds'].min())}-{int(cells['seeds'].max())} seeds."
+    if "seeds" not in bases:
+        return ("One training seed: every interval is over evaluation images or samples and covers evaluation noise "
+                "only; no verdict here says more than that.")
+    return "Some cells have several seeds (intervals over seeds), others one (intervals over evaluation images only)."
+
+
+# ----------------------------------------------------------------------------------------------------
+# Claims: what a study says the papers found, tested against what it measured
+# ----------------------------------------------------------------------------------------------------
+
+VERDICTS = ("reproduced", "contradicted", "unresolved at this precision", "not measured")
+
+
+def claim_side(side) -> dict:
+    """A claim's side as a selector: a variant name, or ``{variant, N}`` with either or both."""
+    return {"variant": side} if isinstance(side, str) else {k: side[k] for k in ("variant", "N") if k in side}
+
+
+def claim_sides(claim: dict) -> tuple[str, dict, list[dict]]:
+    """(direction "lower"/"higher", the side claimed lower/higher, the sides it is compared with)."""
+    direction = "lower" if "lower" in claim else "higher"
+    than = claim["than"] if isinstance(claim["than"], list) else [claim["than"]]
+    return direction, claim_side(claim[direction]), [claim_side(t) for t in than]
+
+
+def claim_cells(claim: dict, study: dict) -> list[tuple[str, dict, dict]]:
+    """Every comparison a claim makes: (dataset, side a, side b) with both sides complete ({variant, N}). Keys a
+    side leaves open range over the claim's ``variants`` / ``N`` (default: the study's); ``datasets`` likewise."""
+    _, a, others = claim_sides(claim)
+    datasets = claim.get("datasets") or study.get("datasets") or []
+    ns = claim.get("N") or study["N"]
+    variants = claim.get("variants") or study["variants"]
+    cells = []
+    for d in datasets:
+        for b in others:
+            free = [{"variant": v} for v in variants] if "variant" not in a else [{"N": n} for n in ns] \
+                if "N" not in a else [{}]
+            for extra in free:
+                cells.append((d, {**extra, **a}, {**extra, **b}))
+    return cells
+
+
+def evaluate_claims(claims: list[dict], values: dict[str, pd.DataFrame], study: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Verdicts of a study's claims from its measured quantities (``values[name]``: a per-run frame, run keys +
+    ``value`` [+ ``low``/``high``], as Quantity.per_run returns it), by :data:`COMPARISON_RULE`.
+
+    Returns (one row per claim: text, quantity, comparisons, for/against/unresolved counts, verdict, basis;
+    one row per comparison). A claim is *reproduced* when every comparison is resolved in its direction,
+    *contradicted* when any is resolved against it, otherwise *unresolved at this precision*; *not measured* when
+    none of its comparisons has both sides measured."""
+    labels = study.get("labels", {})
+    summary_rows, detail_rows = [], []
+    for i, claim in enumerate(claims, 1):
+        direction, _, _ = claim_sides(claim)
+        frame = values.get(claim["quantity"])
+        cells = summarise(frame) if frame is not None and len(frame) else summarise(pd.DataFrame(columns=RUN_KEYS + ["value"]))
+        index = cells.set_index(["dataset", "variant", "N"])
+        yard = yardsticks(cells, study)
+        outcomes, bases = [], set()
+        for d, a, b in claim_cells(claim, study):
+            ka, kb = (d, a["variant"], a["N"]), (d, b["variant"], b["N"])
+            if ka not in index.index or kb not in index.index:
+                continue
+            ca, cb = index.loc[ka].to_dict(), index.loc[kb].to_dict()
+            ys = [yard[k] for k in ((d, a["N"]), (d, b["N"])) if k in yard]
+            outcome = resolve(ca, cb, max(ys) if ys else None)
+            agrees = outcome == (-1 if direction == "lower" else 1)
+            result = "for" if agrees else "unresolved" if outcome == 0 else "against"
+            outcomes.append(result)
+            bases |= {ca["basis"], cb["basis"]}
+            detail_rows.append({
+                "claim": i, "dataset": d,
+                "a": f"{labels.get(a['variant'], a['variant'])}, N={a['N']}",
+                "b": f"{labels.get(b['variant'], b['variant'])}, N={b['N']}",
+                "a_value": interval_text(ca, 4), "b_value": interval_text(cb, 4),
+                "difference": ca["mean"] - cb["mean"], "yardstick": max(ys) if ys else np.nan, "outcome": result})
+        if not outcomes:
+            verdict = "not measured"
+        elif "against" in outcomes:
+            verdict = "contradicted"
+        elif all(o == "for" for o in outcomes):
+            verdict = "reproduced"
+        else:
+            verdict = "unresolved at this precision"
+        basis = ("seeds" if bases == {"seeds"} else "one seed: evaluation noise only" if bases and "seeds" not in bases
+                 else "mixed" if bases else "")
+        source = " ".join(x for x in (f"paper {claim['paper']}" if claim.get("paper") else "", claim.get("item", "")) if x)
+        summary_rows.append({
+            "claim": i, "source": source, "text": claim["text"], "quantity": claim["quantity"],
+            "direction": direction, "comparisons": len(outcomes), "for": outcomes.count("for"),
+            "against": outcomes.count("against"), "unresolved": outcomes.count("unresolved"), "verdict": verdict,
+            "basis": basis})
+    return pd.DataFrame(summary_rows), pd.DataFrame(detail_rows)
 
 
 def gap_summary(psnr: pd.DataFrame) -> pd.DataFrame:
@@ -249,6 +436,9 @@ class TableLayout:
         return [(g, n) for g, ns in self.groups for n in ns]
 
 
+RESOLVED_MARK = "*"  # a change against the baseline resolved by COMPARISON_RULE
+
+
 def format_value(mean: float, std: float, seeds: int, digits: int) -> str:
     if not np.isfinite(mean):
         return "n/a"
@@ -279,8 +469,10 @@ def layout_comparison(long: pd.DataFrame, study: dict, digits: int = 4, caption:
                     cells.append(Cell("—")), change.append(Cell(""))
                     continue
                 r = index.loc[(v, d, n)]
-                cells.append(Cell(format_value(r["mean"], r["std"], int(r["seeds"]), digits), bool(r["best"])))
-                change.append(Cell(f"{r['change_pct']:+.2f}%" if np.isfinite(r["change_pct"]) else ""))
+                text = interval_text(r, digits) if "basis" in r else format_value(r["mean"], r["std"], int(r["seeds"]), digits)
+                cells.append(Cell(text, bool(r["best"])))
+                mark = RESOLVED_MARK if r.get("resolved") else ""  # resolved against its baseline (COMPARISON_RULE)
+                change.append(Cell(f"{r['change_pct']:+.2f}%{mark}" if np.isfinite(r["change_pct"]) else ""))
             label = study.get("labels", {}).get(v, v)
             rows.append(("row", label, cells))
             if any(c.text for c in change):

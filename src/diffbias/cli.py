@@ -70,7 +70,8 @@ def cmd_shared_input(args) -> None:
     from .measure import build_shared_input
 
     build_shared_input(args.name, data=args.data, n=args.n, seed=args.seed, test_size=args.test_size,
-                       split=args.split, config=args.config, out=args.out, device=args.device, threads=args.threads)
+                       split=args.split, part=args.part, config=args.config, out=args.out, device=args.device,
+                       threads=args.threads)
 
 
 def cmd_pca_basis(args) -> None:
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arrays-out", default=None, help="the per-run .npz (measurements with arrays)")
     p.add_argument("--config", default="{}", help="its settings, as JSON (the schema fills the defaults)")
     p.add_argument("--input", action="append", default=[], metavar="NEED=PATH",
-                   help="a file it needs: snapshots=DIR, shared:<name>=FILE, table:<name>=FILE")
+                   help="a file it needs: snapshots=DIR, twin=MODEL (the split-B twin run's model.pt), "
+                        "shared:<name>=FILE, table:<name>=FILE")
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("shared-input", parents=[common], help="a file several measurements read, built once per "
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-size", type=int, required=True, help="the data set's test_size (defines the split)")
     p.add_argument("--split", choices=("shuffle", "official"), default="shuffle",
                    help="the data set's split: official draws the test set from its official test images only")
+    p.add_argument("--part", default="A", choices=("A", "B"), help="the training part of the runs it serves "
+                   "(variants.<v>.split)")
     p.add_argument("--config", default="{}", help="its settings section, as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_shared_input)

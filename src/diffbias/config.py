@@ -68,11 +68,17 @@ def load_schema() -> dict:
     ``studies.<s>.<key>`` for a study-scoped one (FreeU's grid)."""
     from .measurements import load
 
+    from .measurements import quantities
+
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     evaluation = schema["properties"]["evaluation"]["properties"]
     study = schema["properties"]["studies"]["additionalProperties"]["properties"]
     for m in load().values():
         (study if m.scope == "study" else evaluation)[m.key] = m.schema()
+    claim = study["claims"]["items"]["properties"]  # a claim names a quantity some measurement declares
+    claim["quantity"]["enum"] = sorted(quantities())
+    claim["quantity"]["description"] += "; registered: " + "; ".join(
+        f"{name} ({m.name}: {q.description})" for name, (m, q) in sorted(quantities().items()))
     return schema
 
 
@@ -209,16 +215,19 @@ def _check_semantics(config: dict) -> None:
             ds = config["datasets"][dataset]
             pool = pool_size(ds)
             official = _official_sizes(config, dataset)
+            parts = split_parts(config, study["variants"])
             for n in study["N"]:
-                if official is not None and (n > official[0] or ds["test_size"] > official[1]):
+                twice = (f"N={n} twice ({2 * n}: a split-B variant trains on the N images before split A's)"
+                         if parts == 2 else f"N={n}")
+                if official is not None and (parts * n > official[0] or ds["test_size"] > official[1]):
                     raise ConfigError(
-                        f"{skey}.N" if n > official[0] else f"datasets.{dataset}.test_size",
-                        f"N={n} and test_size={ds['test_size']} with split: official need at most {official[0]} "
+                        f"{skey}.N" if parts * n > official[0] else f"datasets.{dataset}.test_size",
+                        f"{twice} and test_size={ds['test_size']} with split: official need at most {official[0]} "
                         f"training and {official[1]} test images of dataset {dataset!r}")
-                if official is None and pool is not None and n + ds["test_size"] > pool:
+                if official is None and pool is not None and parts * n + ds["test_size"] > pool:
                     raise ConfigError(
                         f"{skey}.N",
-                        f"N={n} plus test_size={ds['test_size']} exceeds the {pool} images of dataset {dataset!r}",
+                        f"{twice} plus test_size={ds['test_size']} exceeds the {pool} images of dataset {dataset!r}",
                     )
             try:
                 model_input(ds)
@@ -244,6 +253,8 @@ def _check_semantics(config: dict) -> None:
         for m in measurements.values():  # a measurement's own checks of its settings (FreeU: points on its grid)
             if m.check and m.scope == "study" and m.key in study:
                 _raise_check(m, study[m.key], f"{skey}.{m.key}")
+        for i, claim in enumerate(study.get("claims") or []):
+            _check_claim(config, study, claim, f"{skey}.claims.{i}")
     for m in measurements.values():
         if m.check and m.scope == "run":
             _raise_check(m, config["evaluation"][m.key], f"evaluation.{m.key}")
@@ -273,6 +284,37 @@ def _official_sizes(config: dict, dataset: str) -> tuple[int, int] | None:
         return sizes
     cap = ds["max_images"]  # the pool's first max_images in file order: training images come first
     return min(sizes[0], cap), max(0, min(sizes[1], cap - sizes[0]))
+def _check_claim(config: dict, study: dict, claim: dict, key: str) -> None:
+    """A claim names the study's variants, N and data sets, its sides fix the same keys (variant, N or both), and
+    the measurement behind its quantity measures the N it compares."""
+    from .measurements import quantities
+
+    direction = "lower" if "lower" in claim else "higher"
+    than = claim["than"] if isinstance(claim["than"], list) else [claim["than"]]
+    sides = [(direction, claim[direction])] + [(f"than.{j}" if isinstance(claim["than"], list) else "than", t)
+                                               for j, t in enumerate(than)]
+    fixed = set()
+    for where, side in sides:
+        side = {"variant": side} if isinstance(side, str) else side
+        keys = frozenset(side)
+        if fixed and keys not in fixed:
+            raise ConfigError(f"{key}.{where}", f"every side of a claim fixes the same keys ({sorted(next(iter(fixed)))}), "
+                              f"this one fixes {sorted(keys)}")
+        fixed.add(keys)
+        if "variant" in side and side["variant"] not in study["variants"]:
+            raise ConfigError(f"{key}.{where}", f"{side['variant']!r} is not one of the study's variants")
+        if "N" in side and side["N"] not in study["N"]:
+            raise ConfigError(f"{key}.{where}", f"N={side['N']} is not one of the study's N {study['N']}")
+    for name, known in (("variants", study["variants"]), ("N", study["N"]), ("datasets", study_datasets(study))):
+        unknown = [x for x in claim.get(name) or [] if x not in known]
+        if unknown:
+            raise ConfigError(f"{key}.{name}", f"{unknown} not in the study's {name} {known}")
+    m, _ = quantities()[claim["quantity"]]
+    compared = {side["N"] for _, side in sides if isinstance(side, dict) and "N" in side} or set(claim.get("N") or study["N"])
+    measured = config["evaluation"][m.key].get("N") if m.scope == "run" else None
+    if measured is not None and not compared & set(measured):
+        raise ConfigError(f"{key}.quantity", f"{claim['quantity']} comes from {m.name}, measured at "
+                          f"evaluation.{m.key}.N = {measured}; the claim compares N {sorted(compared)}")
 
 
 def _raise_check(m, settings: dict, where: str) -> None:
@@ -388,9 +430,12 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
     from .data import check_source
 
     wanted: dict[str, int] = {}
+    twice: dict[str, bool] = {}
     for study in config["studies"].values():
-        for dataset in study_datasets(study):
-            wanted[dataset] = max(wanted.get(dataset, 0), *study["N"])
+        for dataset in study_datasets(study):  # a split-B variant uses the N images before split A's
+            parts = split_parts(config, study["variants"])
+            wanted[dataset] = max(wanted.get(dataset, 0), *(parts * n for n in study["N"]))
+            twice[dataset] = twice.get(dataset, False) or parts == 2
         for variant in study["variants"]:  # a PCA basis from another data set's run reads that data set too
             pca = config["variants"][variant].get("pca_from") or {}
             if pca.get("dataset"):
@@ -430,7 +475,9 @@ def check_datasets(config: dict, prepared_dir: str | Path | None = None) -> None
             raise ConfigError(f"datasets.{key}.pool_size", f"pool_size={ds['pool_size']} but {shown} holds {count} images")
         usable = min(count, ds["max_images"]) if ds.get("max_images") else count
         if ds.get("split") != "official" and wanted[key] + ds["test_size"] > usable:
-            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than N={wanted[key]} plus "
+            need = (f"{wanted[key]} training images (the largest N twice: a study has a split-B variant)"
+                    if twice.get(key) else f"N={wanted[key]}")
+            raise ConfigError(where, f"{shown} holds {usable} usable images, fewer than {need} plus "
                               f"test_size={ds['test_size']}")
     _check_measurement_files(config, wanted)
 
@@ -516,6 +563,11 @@ def _check_official_on_disk(key: str, ds: dict, largest_n: int, shown: str) -> N
                           f"than N={largest_n} or test_size={ds['test_size']}")
 
 
+def split_parts(config: dict, variants: Iterable[str]) -> int:
+    """How many disjoint training parts of N images these variants use (2 when one trains on split B)."""
+    return 2 if any(config["variants"][v].get("split", "A") == "B" for v in variants if v in config["variants"]) else 1
+
+
 def pool_size(dataset: dict) -> int | None:
     size = dataset.get("pool_size") or KNOWN_POOL_SIZES.get(dataset["source"])
     if size is not None and dataset.get("max_images"):
@@ -562,6 +614,26 @@ def rehearsal_resolution(config: dict, rehearsal: dict) -> int:
             need = max([need] + [k * options.get("patch_size", 1) for k in windows])
     multiple = rehearsal["resolution_multiple"]
     return -(-need // multiple) * multiple
+
+
+def _rehearsed_claim(claim: dict, n_map: dict, study: dict) -> dict | None:
+    """A claim on the rehearsal's grid: N mapped like the study's, data sets cut like the study's; None when a side
+    names an N or the claim only data sets the rehearsal dropped."""
+    claim = copy.deepcopy(claim)
+    for key in ("lower", "higher", "than"):
+        sides = claim.get(key)
+        for side in sides if isinstance(sides, list) else [sides]:
+            if isinstance(side, dict) and "N" in side:
+                if side["N"] not in n_map or n_map[side["N"]] not in study["N"]:
+                    return None
+                side["N"] = n_map[side["N"]]
+    for key, kept in (("N", [n_map.get(n) for n in claim.get("N") or [] if n_map.get(n) in study["N"]]),
+                      ("datasets", [d for d in claim.get("datasets") or [] if d in study_datasets(study)])):
+        if key in claim:
+            if not kept:
+                return None
+            claim[key] = kept
+    return claim
 
 
 def apply_rehearsal(config: dict) -> dict:
@@ -612,9 +684,11 @@ def apply_rehearsal(config: dict) -> dict:
     n_map = dict(zip(domain, targets))
     for study_name, study in cfg["studies"].items():
         study["N"] = [n_map[n] for n in kept_n[study_name]]
-    if targets[-1] + r["test_size"] > r["fixture_images"]:
+        study["claims"] = [c for c in (_rehearsed_claim(c, n_map, study) for c in study.get("claims") or []) if c]
+    parts = split_parts(cfg, cfg["variants"])  # a split-B variant trains on the N images before split A's
+    if parts * targets[-1] + r["test_size"] > r["fixture_images"]:
         raise ConfigError("rehearsal.fixture_images", f"{r['fixture_images']} fixture images cannot hold "
-                          f"N={targets[-1]} plus test_size={r['test_size']}")
+                          f"{parts} x N={targets[-1]} plus test_size={r['test_size']}")
     # measurements: N lists mapped like the studies' N, sizes shrunk by each measurement's own `rehearse`
     for m in load_measurements().values():
         sections = [cfg["evaluation"][m.key]] if m.scope == "run" else [
@@ -745,6 +819,8 @@ def run_spec(config: dict, run: RunKey) -> dict:
     }
     if "pca_from" in variant:  # the basis's source run is part of what determines this run
         spec["model"]["pca_from"] = {**variant["pca_from"], "source": pca_source(run, variant["pca_from"]).path}
+    if variant.get("split", "A") != "A":  # only split B is recorded: split-A runs keep their hash
+        spec["split"] = variant["split"]
     return spec
 
 

@@ -82,17 +82,18 @@ def run_costs(config: dict) -> pd.DataFrame:
         for name, inst in instances.items():
             if inst.study and run not in study_runs(config, inst.study):
                 continue
-            if not plan.applies(config, inst, run) or inst.measurement.cost is None:
+            if not plan.applies(config, inst, run, inst.study) or inst.measurement.cost is None:
                 continue
             c = inst.measurement.cost(spec, plan.instance_settings(config, name))
             row[inst.measurement.name] = row.get(inst.measurement.name, 0.0) + c.forwards * tflops
             inception += c.inception_images
-            for need in inst.measurement.needs:
-                if need.startswith("shared:"):
-                    shared_users.setdefault((need[7:], run.dataset, run.n, run.seed), set()).add(len(rows))
+            for need in inst.measurement.needs:  # once per (dataset, N, seed, split) where runs of size N read it
+                if need.startswith("shared:") and plan.shared_applies(config, need[7:], run.n):
+                    key = (need[7:], run.dataset, run.n, run.seed, plan.split_of(config, run.variant))
+                    shared_users.setdefault(key, set()).add(len(rows))
         row["inception"] = inception * 2 * INCEPTION_GMACS / 1e3
         rows.append(row)
-    for (name, dataset, n, _seed), users in shared_users.items():  # once per (dataset, N, seed), split between users
+    for (name, dataset, n, _seed, _split), users in shared_users.items():  # once per key, split between its users
         shared = SHARED_INPUTS[name]
         if shared.cost:
             c = shared.cost(config["datasets"][dataset], plan.shared_settings(config, name), n)

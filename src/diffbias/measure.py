@@ -20,8 +20,9 @@ def measure(name: str, *, model: str, data: str, out: str, arrays_out: str | Non
 
     m = measurements.get(name)
     cfg = measurement_settings(name, json.loads(config) if isinstance(config, str) else config)
-    # a shared input or another table is optional (the measurement computes without it); snapshots are not
-    missing = [need for need in m.needs if need == "snapshots" and need not in (inputs or {})]
+    # a shared input or another table is optional (the measurement computes without it); snapshots and the twin
+    # run's model are not
+    missing = [need for need in m.needs if need in measurements.REQUIRED_NEEDS and need not in (inputs or {})]
     if missing:
         raise SystemExit(f"measurement {name!r} needs the inputs {missing} (--input {missing[0]}=PATH)")
     set_threads(threads)
@@ -43,8 +44,10 @@ def measure(name: str, *, model: str, data: str, out: str, arrays_out: str | Non
 
 
 def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: int, config: str | dict, out: str,
-                       split: str = "shuffle", device: str = "auto", threads: int | None = None) -> None:
-    """One shared input (e.g. the FID reference features) of the runs with this (dataset, N, seed)."""
+                       split: str = "shuffle", part: str = "A", device: str = "auto",
+                       threads: int | None = None) -> None:
+    """One shared input (e.g. the FID reference features) of the runs with this (dataset, N, seed), data-set split
+    ``split`` (shuffle | official) and training part ``part`` (variants.<v>.split: A | B)."""
     from . import data as data_lib
     from .config import section_settings
     from .device import resolve_device, set_threads
@@ -62,7 +65,8 @@ def build_shared_input(name: str, *, data: str, n: int, seed: int, test_size: in
         images, labels = latent_pixels(pool), pool.labels
     else:
         images, labels, _ = data_lib.load_prepared(data)
-    spec = {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size, "split": split}}
+    spec = {"run": {"N": n, "seed": seed}, "dataset": {"test_size": test_size, "split": split}, "split": part}
     split_idx = data_lib.run_split(len(images), spec, data_lib.run_test_mask(spec, data))
-    arrays = shared.build(images, labels, split_idx, {"N": n, "seed": seed}, cfg, str(resolve_device(device)), threads)
+    arrays = shared.build(images, labels, split_idx, {"N": n, "seed": seed, "split": part}, cfg,
+                          str(resolve_device(device)), threads)
     write_npz(out, **arrays)

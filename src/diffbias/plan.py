@@ -22,7 +22,8 @@ PATTERNS = {
     "tiny_autoencoder": "{results}/autoencoders/tiny-sd-vae",
     "run_dir": "{results}/runs/{dataset}/{variant}/N{n}/seed{seed}",
     "checkpoint": "{results}/checkpoints/{dataset}/{variant}/N{n}/seed{seed}/checkpoint.pt",
-    "shared": "{results}/shared/{shared}/{dataset}/N{n}/seed{seed}.npz",
+    # {part}: "" for split-A runs (their paths unchanged), "_splitB" for split-B runs, whose training set differs
+    "shared": "{results}/shared/{shared}/{dataset}/N{n}/seed{seed}{part}.npz",
     "study_table": "{results}/studies/{study}/{table}.parquet",
     "study_arrays": "{results}/studies/{study}/arrays/{measurement}.npz",
     "logs": "{results}/logs",
@@ -78,6 +79,61 @@ def _training(config: dict, variant: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Training parts (variants.<v>.split) and split-B twins
+# ----------------------------------------------------------------------------------------------------
+
+SPLIT_SUFFIX = "_split"  # shared-input file suffix of a split-B run: seed<s>_splitB.npz
+SPLIT_WILDCARD = r"(_split[B-Z])?"  # the {part} wildcard: empty for split A
+
+
+def split_of(config: dict, variant: str) -> str:
+    return config["variants"][variant].get("split", "A")
+
+
+def part_suffix(split: str) -> str:
+    """The {part} of a shared-input path: "" for split A (paths unchanged), "_splitB" for split B."""
+    return "" if split == "A" else f"{SPLIT_SUFFIX}{split}"
+
+
+def split_from_suffix(part: str) -> str:
+    return part.removeprefix(SPLIT_SUFFIX) or "A"
+
+
+def _recipe(config: dict, variant: str) -> str:
+    """What a variant trains, apart from its training part: backbone and resolved options, training overrides, PCA
+    source."""
+    from .models import resolve_options
+
+    v = config["variants"][variant]
+    backbone, options = resolve_options(v.get("backbone"), v.get("preset"), v.get("options"))
+    rest = {k: val for k, val in v.items() if k not in ("label", "split", "backbone", "preset", "options")}
+    return json.dumps({"backbone": backbone, "preset": v.get("preset"), "options": options, **rest}, sort_keys=True,
+                      default=str)
+
+
+def twin_variant(config: dict, variant: str, among) -> str | None:
+    """The split-B twin of a split-A variant among ``among``: the first variant with the same recipe and
+    ``split: B``; None when there is none (or the variant is itself split B)."""
+    if split_of(config, variant) != "A":
+        return None
+    recipe = _recipe(config, variant)
+    return next((v for v in among if split_of(config, v) == "B" and _recipe(config, v) == recipe), None)
+
+
+def twin_run(config: dict, run: RunKey, study: str | None = None) -> RunKey | None:
+    """The run's split-B twin (same dataset, N and seed, twin variant) in ``study``, or in any study that lists
+    the run (``study`` None); None when there is none."""
+    for name in [study] if study else sorted(config["studies"]):
+        s = config["studies"][name]
+        if (run.variant in s["variants"] and run.dataset in study_datasets(s) and run.n in s["N"]
+                and run.seed in s["seeds"]):
+            twin = twin_variant(config, run.variant, s["variants"])
+            if twin is not None:
+                return RunKey(run.dataset, twin, run.n, run.seed)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Configured measurements
 # ----------------------------------------------------------------------------------------------------
 
@@ -128,17 +184,21 @@ def _backbone(config: dict, variant: str) -> tuple[type, dict]:
     return BACKBONES[backbone], options
 
 
-def applies(config: dict, inst: Instance, run: RunKey) -> bool:
+def applies(config: dict, inst: Instance, run: RunKey, study: str | None = None) -> bool:
+    """Whether the instance measures ``run``: its settings, the backbone's capability, the variant's option and,
+    for a measurement that needs the twin, a split-B twin listed with the run (in ``study``, or in any study)."""
     cls, options = _backbone(config, run.variant)
     if inst.measurement.class_conditional and not _training(config, run.variant).get("class_conditional"):
         return False
-    return inst.measurement.applies(settings(config, inst.measurement, inst.study), run.n, cls, options)
+    if not inst.measurement.applies(settings(config, inst.measurement, inst.study), run.n, cls, options):
+        return False
+    return "twin" not in inst.measurement.needs or twin_run(config, run, study or inst.study) is not None
 
 
 def measured_runs(config: dict, study: str, inst: Instance) -> list[RunKey]:
     if inst.study not in (None, study):
         return []
-    return [r for r in study_runs(config, study) if applies(config, inst, r)]
+    return [r for r in study_runs(config, study) if applies(config, inst, r, study)]
 
 
 def study_instances(config: dict, study: str) -> dict[str, Instance]:
@@ -166,6 +226,8 @@ def switched_off(config: dict, study: str) -> dict[str, str]:
         elif not measured_runs(config, study, inst):
             if m.option and not any(opts.get(m.option) for _, opts in backbones.values()):
                 out[m.name] = f"no variant sets options.{m.option}"
+            elif "twin" in m.needs and not any(twin_variant(config, v, spec["variants"]) for v in spec["variants"]):
+                out[m.name] = "no variant of the study has a split-B twin (a variant differing only by split: B)"
             else:
                 out[m.name] = f"evaluation.{m.key}.N = {settings(config, m).get('N')} (study N: {spec['N']})"
     return out
@@ -184,9 +246,15 @@ def measurement_inputs(config: dict, name: str, run: RunKey) -> dict[str, str]:
     for need in inst.measurement.needs:
         if need == "snapshots":
             inputs[need] = f"{run_dir(config, run)}/ema_snapshots"
+        elif need == "twin":
+            twin = twin_run(config, run, inst.study)
+            if twin is None:
+                raise ValueError(f"{name} on {run.path}: no split-B twin of {run.variant!r} is listed with it")
+            inputs[need] = f"{run_dir(config, twin)}/model.pt"
         elif need.startswith("shared:"):
-            inputs[need] = path("shared", results, shared=need.split(":", 1)[1], dataset=run.dataset, n=run.n,
-                                seed=run.seed)
+            shared = need.split(":", 1)[1]
+            if shared_applies(config, shared, run.n):
+                inputs[need] = shared_path(config, shared, run)
         elif need.startswith("table:"):
             other = instances(config).get(need.split(":", 1)[1])
             if other is not None and applies(config, other, run):
@@ -236,6 +304,18 @@ def dataset_split(config: dict, dataset: str) -> str:
 
 def shared_settings(config: dict, shared: str) -> dict:
     return dict(config["evaluation"][measurements.SHARED_INPUTS[shared].config_key])
+
+
+def shared_applies(config: dict, shared: str, n: int) -> bool:
+    """Whether runs of size ``n`` read shared input ``shared`` (SharedInput.applies; default: yes)."""
+    check = measurements.SHARED_INPUTS[shared].applies
+    return check is None or bool(check(shared_settings(config, shared), n))
+
+
+def shared_path(config: dict, shared: str, run: RunKey) -> str:
+    """The shared input of the runs with ``run``'s dataset, N, seed and training part."""
+    return path("shared", config["results_dir"], shared=shared, dataset=run.dataset, n=run.n, seed=run.seed,
+                part=part_suffix(split_of(config, run.variant)))
 
 
 def train_inputs(config: dict, run: RunKey) -> dict[str, str]:
@@ -370,6 +450,8 @@ def study_description(config: dict, study: str) -> dict:
         "labels": {v: variant_label(config, v) for v in s["variants"]},
         "variant_specs": specs,
         "dataset_specs": {d: config["datasets"][d] for d in datasets},
+        "twins": {v: t for v in s["variants"] if (t := twin_variant(config, v, s["variants"]))},
+        "claims": s.get("claims") or [],
         "count_dataset": datasets[0],
         "settings": {name: settings(config, inst.measurement, inst.study) for name, inst in mine.items()
                      if measured_runs(config, study, inst)},

@@ -181,10 +181,66 @@ def section_loss_curves(ctx: dict) -> None:
     save_figure(ctx, fig, "loss_curves")
 
 
+def quantity_values(ctx: dict) -> dict[str, pd.DataFrame]:
+    """Every registered quantity (Measurement.quantities) this study measured: one row per run, run keys + value
+    [+ low/high]."""
+    out = {}
+    for name, (m, q) in measurements.quantities().items():
+        table = ctx.get(m.name)
+        if table is not None and len(table):
+            out[name] = q.per_run(table)
+    return out
+
+
+@section("Claims tested", "the study's claims (studies.<s>.claims) against what it measured, by the comparison rule")
+def section_claims(ctx: dict) -> None:
+    """The report's last table: each claim the study declares, what was measured and the verdict, derived from the
+    intervals (analysis.COMPARISON_RULE), never written by hand."""
+    study = ctx["study"]
+    claims = study.get("claims") or []
+    if not claims:
+        raise NotApplicable("the study declares no claims")
+    summary, details = analysis.evaluate_claims(claims, quantity_values(ctx), study)
+    write_table(ctx, "claims", summary)
+    if len(details):
+        write_table(ctx, "claims_details", details)
+    import textwrap
+
+    rows = []  # the claim's words wrapped over continuation rows (table cells do not wrap)
+    for _, r in summary.iterrows():
+        words = textwrap.wrap(r["text"] + (f" ({r['source']})" if r["source"] else ""), 70)
+        rows.append({"#": str(r["claim"]), "claim": words[0], "quantity": r["quantity"], "claimed": r["direction"],
+                     "for / against / unresolved": f"{r['for']} / {r['against']} / {r['unresolved']}",
+                     "verdict": r["verdict"], "intervals over": r["basis"]})
+        rows += [{"#": "", "claim": line, "quantity": "", "claimed": "", "for / against / unresolved": "",
+                  "verdict": "", "intervals over": ""} for line in words[1:]]
+    shown = pd.DataFrame(rows)
+    one_seed = len(study.get("seeds") or []) == 1
+    notes = ["Rule: " + analysis.COMPARISON_RULE,
+             "Verdict: reproduced when every comparison is resolved in the claimed direction, contradicted when any "
+             "is resolved against it, otherwise unresolved at this precision; not measured when no comparison has "
+             "both sides measured."]
+    if one_seed:
+        notes.append("This study has one training seed: every interval covers evaluation noise only (the images or "
+                     "samples of one trained model), so 'reproduced' means reproduced by these models, not that the "
+                     "claim holds over training data and seeds.")
+    ctx["pdf"].table("Claims tested", frame_table(shown), caption="Each claim the study declares, the comparisons "
+                     "it makes (per data set, and per N or variant as the claim leaves open) and the verdict derived "
+                     "from the intervals.", notes=notes)
+    if len(details):
+        shown = details.rename(columns={"claim": "#", "a": "claimed side", "b": "compared with", "a_value": "value",
+                                        "b_value": "value ", "yardstick": "twin yardstick"})
+        ctx["pdf"].table("Claims tested: each comparison", frame_table(shown, formats={"difference": "+.4f",
+                                                                                          "twin yardstick": ".4f"}),
+                         caption="value: mean [95 % interval] with one seed, mean ± std with several; twin "
+                                 "yardstick: |baseline - its split-B twin| at that N (one seed only; — without a twin).")
+
+
 def sections() -> list[Callable[[dict], None]]:
-    """Every section in report order: the overview, each measurement's (registry order), then cost and training."""
+    """Every section in report order: the overview, each measurement's (registry order), cost and training, and the
+    claims table last."""
     return [section_overview, *(s for m in measurements.load().values() for s in m.sections),
-            section_costs, section_flops_vs_length, section_loss_curves]
+            section_costs, section_flops_vs_length, section_loss_curves, section_claims]
 
 
 # ----------------------------------------------------------------------------------------------------

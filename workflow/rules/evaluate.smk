@@ -45,7 +45,8 @@ use rule measure as measure_with_arrays with:
         measurement=WITH_ARRAYS,
 
 
-# A file several measurements read, built once per (dataset, N, seed), e.g. the FID reference set's features.
+# A file several measurements read, built once per (dataset, N, seed, training part), e.g. the FID reference set's
+# features; {part} is empty for split A and "_splitB" for split-B runs (plan.PATTERNS).
 rule shared_input:
     input:
         unpack(lambda wc: {"data": plan.data_input(CFG, wc.dataset)}),
@@ -55,9 +56,11 @@ rule shared_input:
         cfg=lambda wc: as_json(plan.shared_settings(CFG, wc.shared)),
         test_size=lambda wc: CFG["datasets"][wc.dataset]["test_size"],
         split=lambda wc: plan.dataset_split(CFG, wc.dataset),
+        part=lambda wc: plan.split_from_suffix(wc.part),
         device=CFG["device"],
     wildcard_constraints:
         shared=alternatives(measurements.SHARED_INPUTS),
+        part=plan.SPLIT_WILDCARD,
     threads: CFG["threads_per_job"]
     resources:
         runtime=resource("evaluate", "runtime", 30),
@@ -67,10 +70,10 @@ rule shared_input:
     conda:
         "../envs/diffbias.yaml"
     log:
-        f"{LOGS}/shared/{{shared}}/{{dataset}}/N{{n}}/seed{{seed}}.log",
+        f"{LOGS}/shared/{{shared}}/{{dataset}}/N{{n}}/seed{{seed}}{{part}}.log",
     shell:
         "python -m diffbias shared-input {wildcards.shared} --data {input.data} --n {wildcards.n} "
-        "--seed {wildcards.seed} --test-size {params.test_size} --split {params.split} --config {params.cfg:q} --out {output} "
+        "--seed {wildcards.seed} --test-size {params.test_size} --split {params.split} --part {params.part} --config {params.cfg:q} --out {output} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 

@@ -33,13 +33,18 @@ from typing import Any, Callable
 PLUGINS_ENV = "DIFFBIAS_MEASUREMENT_PLUGINS"
 
 # The built-in measurements, in report order: one module each under diffbias/measurements/.
-BUILTIN = ("psnr", "fid", "fid_guided", "fid_curve", "freeu", "jacobian", "attention", "gmm_masks", "signal_function")
+BUILTIN = ("psnr", "memorisation", "reproducibility", "fid", "fid_guided", "fid_curve", "freeu", "jacobian", "attention",
+           "gmm_masks", "signal_function")
 
 # What a measurement may need besides its run's model and data (Measurement.needs), resolved by diffbias.plan:
 #   "snapshots"       the run's EMA snapshots (training.snapshot_steps)
-#   "shared:<name>"   a SharedInput built once per (dataset, N, seed), e.g. "shared:fid_reference"
+#   "twin"            the model of the run's split-B twin: the same dataset, N and seed, a variant that differs from
+#                     the run's only by `split: B`, listed in the same study. The measurement then applies only to
+#                     split-A runs that have such a twin (plan.twin_run), once per pair
+#   "shared:<name>"   a SharedInput built once per (dataset, N, seed, split), e.g. "shared:fid_reference"
 #   "table:<name>"    another measurement's table of the same run, when that measurement applies to the run
-NEED_KINDS = ("snapshots", "shared:", "table:")
+NEED_KINDS = ("snapshots", "twin", "shared:", "table:")
+REQUIRED_NEEDS = ("snapshots", "twin")  # the job cannot compute without them (a shared input or table is a shortcut)
 
 
 @dataclass
@@ -64,18 +69,36 @@ class Cost:
 
 @dataclass(frozen=True)
 class SharedInput:
-    """A file several measurements read, built once per (dataset, N, seed) by the generic ``shared_input`` rule
-    (``python -m diffbias shared-input <name>``), e.g. the Inception features of an FID reference set.
+    """A file several measurements read, built once per (dataset, N, seed, split) by the generic ``shared_input``
+    rule (``python -m diffbias shared-input <name>``), e.g. the Inception features of an FID reference set.
 
     ``build(images, labels, split, key, cfg, device, threads) -> dict of arrays`` gets the pool's images (the prepared
     uint8 array, or for a latent data set a lazy data.PixelImages of its real images: read it in chunks), the
-    (train, test) indices of the runs it serves (data.run_split), their key ``{"N", "seed"}`` and its settings
-    ``cfg`` = ``evaluation.<config_key>``."""
+    (train, test) indices of the runs it serves (data.run_split), their key ``{"N", "seed", "split"}`` and its
+    settings ``cfg`` = ``evaluation.<config_key>``. ``applies(cfg, N)``, when given, says whether runs of size N
+    use it at all (a measurement computes without it otherwise); no job builds it where it does not."""
 
     name: str
     config_key: str
     build: Callable[..., dict]
     cost: Callable[[dict, dict, int], Cost] | None = None  # (dataset spec, settings, N) -> Cost
+    applies: Callable[[dict, int], bool] | None = None  # (settings, N) -> whether the runs of size N read it
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One number per run that report tables compare with the study's baselines and that claims
+    (``studies.<s>.claims``) name, e.g. the mean PSNR gap.
+
+    ``per_run(table) -> DataFrame`` gets the measurement's study table and returns one row per run: the run keys
+    (dataset, variant, N, seed), ``value`` and, when the run has one, its own interval ``low``/``high`` (e.g. a
+    bootstrap 95 % CI over the run's evaluation images). ``interval`` says what that interval covers."""
+
+    name: str
+    description: str  # one line, with its unit
+    per_run: Callable[[Any], Any] = field(compare=False)
+    lower_is_better: bool = True  # for tables' "best" marks only: a claim says its own direction
+    interval: str = ""  # what a run's low/high cover ("" when runs have none)
 
 
 @dataclass(frozen=True)
@@ -108,10 +131,11 @@ class Measurement:
     sections: tuple[Callable[[dict], None], ...] = field(default=(), compare=False)  # report sections, in order
     findings: Callable[[dict], list[str]] | None = field(default=None, compare=False)  # lines for the overview
     cost_columns: Callable[[dict], Any] | None = field(default=None, compare=False)  # per-variant columns
+    quantities: tuple[Quantity, ...] = field(default=(), compare=False)  # numbers claims and comparisons name
 
     def __post_init__(self):
         for need in self.needs:
-            if not (need == "snapshots" or need.startswith(("shared:", "table:"))):
+            if not (need in ("snapshots", "twin") or need.startswith(("shared:", "table:"))):
                 raise ValueError(f"measurement {self.name!r}: unknown need {need!r} (kinds: {NEED_KINDS})")
 
     @property
@@ -176,14 +200,24 @@ def load(spec: str | None = None) -> dict[str, Measurement]:
     for name in (s.strip() for s in spec.split(",")):
         if name:
             importlib.import_module(name)
-    # registry order is report order, whatever order the modules were imported in (a worker imports them all)
-    order = {name: i for i, name in enumerate(BUILTIN)}
-    ordered = sorted(MEASUREMENTS, key=lambda name: order.get(name, len(order)))
-    if list(MEASUREMENTS) != ordered:
-        entries = {name: MEASUREMENTS[name] for name in ordered}
+    # built-ins in BUILTIN order whatever was imported first (a module imported directly registers itself early)
+    ordered = {name: MEASUREMENTS[name] for name in BUILTIN if name in MEASUREMENTS}
+    ordered.update((name, m) for name, m in MEASUREMENTS.items() if name not in ordered)
+    if list(ordered) != list(MEASUREMENTS):
         MEASUREMENTS.clear()
-        MEASUREMENTS.update(entries)
+        MEASUREMENTS.update(ordered)
     return MEASUREMENTS
+
+
+def quantities() -> dict[str, tuple[Measurement, Quantity]]:
+    """Every registered quantity by name, with the measurement that provides it."""
+    out = {}
+    for m in load().values():
+        for q in m.quantities:
+            if q.name in out and out[q.name][0].name != m.name:
+                raise ValueError(f"quantity {q.name!r} declared by {out[q.name][0].name!r} and {m.name!r}")
+            out[q.name] = (m, q)
+    return out
 
 
 def get(name: str) -> Measurement:

@@ -25,7 +25,7 @@ import pandas as pd
 from .. import analysis
 from ..sections import (NotApplicable, NotMeasured, comparison, display, frame_table, layout_table, plt,
                         reduced_variants, save_figure, section, tile, variants, write_table)
-from . import Cost, Measurement, Result, SharedInput, register_measurement, register_shared_input
+from . import Cost, Measurement, Quantity, Result, SharedInput, register_measurement, register_shared_input
 
 SETTINGS = {
     "num_samples": {"type": "integer", "minimum": 4, "default": 50000},
@@ -241,12 +241,21 @@ def section_fid(ctx: dict) -> None:
     small = int(fid["num_samples"].min()) < 10_000
     ctx["pdf"].table("FID (lower is better)", layout_table(fid_layout),
                      caption="Mean ± std over seeds; best per column within a block in bold; change vs own baseline. "
-                             + ("With fewer than 10k samples FID is biased upwards: compare rows with equal sample counts only."
-                                if small else ""))
-    kid_layout = comparison(ctx, fid.assign(kid_x1e3=fid["kid_mean"] * 1e3), "kid_x1e3", digits=2)
+                             + sample_note(fid) + (" With fewer than 10k samples FID is biased upwards (the bias "
+                                                   "shrinks as 1/samples): compare rows with equal sample counts only; "
+                                                   "a run's FID has no interval, so with one seed no FID difference "
+                                                   "is resolved." if small else ""))
+    kid = kid_per_run(fid)
+    kid[["value", "low", "high"]] *= 1e3
+    kid_layout = analysis.layout_comparison(analysis.compare(kid.rename(columns={"value": "kid_x1e3"}), ctx["study"],
+                                                             "kid_x1e3"), ctx["study"], digits=2,
+                                            datasets=[d for d in ctx["study"].get("datasets") or [] if d in set(fid["dataset"])] or None)
     write_table(ctx, "kid", kid_layout)
     ctx["pdf"].table("KID × 10³ (lower is better)", layout_table(kid_layout),
-                     caption="Mean ± std over seeds of each run's KID (mean over random subsets).")
+                     caption="Mean ± std over seeds of each run's KID (mean over random subsets). " + sample_note(fid)
+                             + " KID is unbiased at any sample count; with one seed a difference is resolved only "
+                               "when the runs' intervals (mean ± 1.96 std over subsets: the spread of one subset's "
+                               "estimate, conservative) do not overlap.")
     if "kid_subset_size" not in fid:  # tables written before KID subsets were recorded
         fid = fid.assign(kid_subset_size=fid["num_samples"])
     per = fid.groupby(["dataset", "variant", "N"], as_index=False).agg(
@@ -335,6 +344,25 @@ def section_samples(ctx: dict) -> None:
     save_figure(ctx, fig, "samples")
 
 
+def sample_note(fid) -> str:
+    """How many samples and reference images the FID/KID of this study used (the minimum over its runs)."""
+    subset = f", KID subsets of {int(fid['kid_subset_size'].min())}" if "kid_subset_size" in fid else ""
+    return (f"From {int(fid['num_samples'].min())} samples against {int(fid['num_reference'].min())} reference "
+            f"images per run{subset}.")
+
+
+def fid_per_run(fid):
+    """The fid quantity: each run's FID (no interval of its own)."""
+    return fid[analysis.RUN_KEYS].assign(value=fid["fid"].to_numpy())
+
+
+def kid_per_run(fid):
+    """The kid quantity: each run's KID with mean ± 1.96 std over its subsets as its interval."""
+    half = 1.96 * fid["kid_std"].to_numpy()
+    return fid[analysis.RUN_KEYS].assign(value=fid["kid_mean"].to_numpy(), low=fid["kid_mean"].to_numpy() - half,
+                                         high=fid["kid_mean"].to_numpy() + half)
+
+
 def cost_columns(ctx: dict):
     """Sampling images/s per variant (median over the FID runs), for the model-cost table."""
     fid = ctx.get("fid")
@@ -361,4 +389,7 @@ register_measurement(Measurement(
     renamed={"steps": "sampling_steps"},  # "steps" means optimiser steps
     sections=(section_fid, section_appendix_c_fid, section_fid_vs_gflops, section_samples),
     cost_columns=cost_columns,
+    quantities=(Quantity("fid", "FID of the final EMA model's samples", fid_per_run),
+                Quantity("kid", "KID of the final EMA model's samples", kid_per_run,
+                         interval="mean ± 1.96 std over KID subsets (conservative)")),
 ))

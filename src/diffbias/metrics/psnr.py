@@ -33,10 +33,11 @@ def psnr_from_mse(mse: float | np.ndarray, data_range: float = DATA_RANGE) -> fl
 
 @torch.no_grad()
 def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: int = 0, batch_size: int = 256,
-               labels: torch.Tensor | None = None, clip: bool = False) -> pd.DataFrame:
+               labels: torch.Tensor | None = None, clip: bool = False, errors: list | None = None) -> pd.DataFrame:
     """PSNR of one-step denoising at each respaced step. images: (K, C, H, W) in [-1, 1].
 
-    Returns rows (step index in the respaced chain, original timestep t, mse, psnr).
+    Returns rows (step index in the respaced chain, original timestep t, mse, psnr). ``errors``, when given, receives
+    each step's per-image squared errors (K,) in order, for intervals over the K images (:func:`gap_bootstrap`).
     """
     diffusion = create_diffusion(respacing)
     device = next(model.parameters()).device
@@ -63,17 +64,42 @@ def psnr_curve(model, images: torch.Tensor, *, respacing: int = 50, noise_seed: 
             se[s : s + batch_size] = ((x0_hat - x0) ** 2).flatten(1).mean(1).double().cpu()
         mse = float(se.mean())
         rows.append({"step": i, "t": t_orig, "mse": mse, "psnr": float(psnr_from_mse(mse))})
+        if errors is not None:
+            errors.append(se.numpy())
     return pd.DataFrame(rows)
 
 
 def psnr_gap(model, train_images: torch.Tensor, test_images: torch.Tensor, *, respacing: int = 50, noise_seed: int = 0,
              batch_size: int = 256, train_labels: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
-             clip: bool = False) -> pd.DataFrame:
-    """Columns: step, t, psnr_train, psnr_test, gap (= max(train - test, 0))."""
+             clip: bool = False, errors: dict | None = None) -> pd.DataFrame:
+    """Columns: step, t, psnr_train, psnr_test, gap (= max(train - test, 0)). ``errors``, when given, receives the
+    per-image squared errors as (K, steps) arrays under "train" and "test"."""
+    tr_err, te_err = [], []
     tr = psnr_curve(model, train_images, respacing=respacing, noise_seed=noise_seed, batch_size=batch_size,
-                    labels=train_labels, clip=clip)
+                    labels=train_labels, clip=clip, errors=tr_err)
     te = psnr_curve(model, test_images, respacing=respacing, noise_seed=noise_seed + 1, batch_size=batch_size,
-                    labels=test_labels, clip=clip)
+                    labels=test_labels, clip=clip, errors=te_err)
     df = pd.DataFrame({"step": tr["step"], "t": tr["t"], "psnr_train": tr["psnr"], "psnr_test": te["psnr"]})
     df["gap"] = (df["psnr_train"] - df["psnr_test"]).clip(lower=0.0)
+    if errors is not None:
+        errors["train"], errors["test"] = np.stack(tr_err, axis=1), np.stack(te_err, axis=1)
     return df
+
+
+def gap_bootstrap(train_errors: np.ndarray, test_errors: np.ndarray, *, resamples: int = 1000, seed: int = 0,
+                  chunk: int = 100) -> np.ndarray:
+    """Bootstrap replicates of the gap curve over the K images: (resamples, steps).
+
+    Each replicate resamples the training images and, independently, the test images with replacement (each image
+    keeps its fixed noise), averages the squared errors over the resample per step, and forms the gap as
+    :func:`psnr_gap` does (MSE first, then PSNR, then max(train - test, 0)). The replicate's mean over steps is one
+    bootstrap draw of the mean gap. ``np.random.default_rng(seed)`` draws the indices."""
+    rng = np.random.default_rng(seed)
+    k_train, k_test = len(train_errors), len(test_errors)
+    out = []
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        tr = train_errors[rng.integers(0, k_train, size=(b, k_train))].mean(axis=1)  # (b, steps)
+        te = test_errors[rng.integers(0, k_test, size=(b, k_test))].mean(axis=1)
+        out.append(np.clip(psnr_from_mse(tr) - psnr_from_mse(te), 0.0, None))
+    return np.concatenate(out) if out else np.zeros((0, train_errors.shape[1]))
