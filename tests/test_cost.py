@@ -59,8 +59,9 @@ def test_gpu_hours_at_a_given_throughput_and_from_a_benchmark(tmp_path):
 def test_cost_command_on_the_default_config(capsys, tmp_path):
     main(["cost", "--configfile", str(ROOT / "config.yaml"), "--out", str(tmp_path / "cost.parquet")])
     out = capsys.readouterr().out
-    assert "12 distinct runs" in out and "| locality" in out and "124.8 TFLOP/s" in out
-    assert len(pd.read_parquet(tmp_path / "cost.parquet")) == 12
+    # 4 variants x 3 N, and the baseline's split-B twin at every N
+    assert "15 distinct runs" in out and "| locality" in out and "124.8 TFLOP/s" in out
+    assert len(pd.read_parquet(tmp_path / "cost.parquet")) == 15
 
 
 # Forward GMACs per image that the paper configs' models must be counted at (3x32x32 inputs): our counts of the
@@ -112,8 +113,9 @@ def test_cost_of_every_paper_config(capsys):
 def test_cost_of_paper_004(capsys):
     main(["cost", "--configfile", str(ROOT / "workflow/configs/paper-004.yaml")])
     out = capsys.readouterr().out
-    # 381 + UNet-004 (figs. 2-3), app. C's weight sharing and PCA runs, table 1's † rows (6 data sets x 4 x 2 N)
-    assert "468 distinct runs" in out
+    # 381 + UNet-004 (figs. 2-3), app. C's weight sharing and PCA runs, table 1's † rows (6 data sets x 4 x 2 N),
+    # and the split-B twins of the two-model study (xs_b on ImageNet, 5 N x 3 seeds)
+    assert "483 distinct runs" in out
     cfg = load_config(ROOT / "workflow/configs/paper-004.yaml")
     _, summary, _ = cost.gpu_hours(cfg)
     total = summary.iloc[-1]

@@ -129,7 +129,8 @@ def test_measurement_settings_come_from_the_schema():
     from diffbias.config import ConfigError, measurement_settings
 
     filled = measurement_settings("psnr", {"num_images": 4})
-    assert filled == {"N": None, "num_images": 4, "respacing": 50, "noise_seed": 0, "batch_size": 256, "clip": False}
+    assert filled == {"N": None, "num_images": 4, "respacing": 50, "noise_seed": 0, "batch_size": 256, "clip": False,
+                      "bootstrap": 1000, "bootstrap_seed": 0, "confidence": 0.95}
     assert section_settings(("evaluation", "psnr"), {"num_images": 4}) == filled
     grid = measurement_settings("freeu", {"b": [1.0], "s": [1.0]})
     assert grid["keep"] == 16 and grid["num_samples"] == 1000
