@@ -60,10 +60,10 @@ def aggregate_arrays(inputs: list[str], runs: list[str], out: str | Path, max_it
     import zipfile
 
     written = []
-    # Streamed into the zip one array at a time (as numpy.savez_compressed writes them): a paper-scale study's
-    # arrays need not fit in memory.
+    # Streamed into the zip one array at a time (as numpy.savez writes them): a paper-scale study's arrays need not
+    # fit in memory. Stored, not deflated (io.write_npz: deflating the attention maps took most of this job).
     with atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for path, run in zip(inputs, runs):
                 with np.load(path, allow_pickle=False) as data:
                     for name in data.files:
