@@ -306,3 +306,19 @@ def test_report_draws_copies_gallery_pairs_and_claims(pool, tmp_path):
     figures = {p.name for p in (study_dir / "figures").glob("*.png")}
     assert {"memorisation_gallery_fmnist8_N2.png", "memorisation_gallery_fmnist8_N10.png",
             "memorisation_distances.png", "reproducibility_curve.png", "reproducibility_pairs_fmnist8_dit.png"} <= figures
+
+
+def test_copies_on_a_latent_data_set_fail_at_dag_build_naming_the_key():
+    """The copy search reads the training pool's pixels; a latent data set's pool holds latents, so a config that
+    asks for copies there fails before any job, naming evaluation.memorisation.N."""
+    import yaml
+
+    from diffbias.config import ConfigError, validate_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/configs/paper-002.yaml").read_text())
+    validate_config(raw)  # as shipped: no copies measured in latent space
+    n = raw["studies"]["dice"]["N"][0]
+    raw["evaluation"]["memorisation"] = {"N": [n]}
+    with pytest.raises(ConfigError, match="latent data set") as err:
+        validate_config(raw)
+    assert err.value.key == "evaluation.memorisation.N"

@@ -253,6 +253,12 @@ def _check_semantics(config: dict) -> None:
         for m in measurements.values():  # a measurement's own checks of its settings (FreeU: points on its grid)
             if m.check and m.scope == "study" and m.key in study:
                 _raise_check(m, study[m.key], f"{skey}.{m.key}")
+            latent = [d for d in study_datasets(study) if config["datasets"][d].get("latents")]
+            measured = config["evaluation"][m.key].get("N") if m.scope == "run" else None
+            if m.pixel_only and latent and (measured is None or set(measured) & set(study["N"])):
+                raise ConfigError(f"evaluation.{m.key}.N", f"{m.name} reads the training pool's pixels, but study "
+                                  f"{study_name!r} trains on the latent data set {latent[0]!r}: leave its N "
+                                  f"{sorted(set(study['N']) & set(measured or study['N']))} out")
         for i, claim in enumerate(study.get("claims") or []):
             _check_claim(config, study, claim, f"{skey}.claims.{i}")
     for m in measurements.values():

@@ -116,6 +116,7 @@ class Measurement:
     study_key: str | None = None  # set: configured per study under studies.<s>.<study_key> (scope "study")
     capability: str | None = None  # backbone class attribute the run's backbone must declare truthy
     option: str | None = None  # ...and this variant option must be truthy (U-ViT's `gmm`)
+    pixel_only: bool = False  # reads the pool's pixels (run.images): not measurable on a latent data set
     arrays: bool = False  # writes per-run arrays (<name>.npz), packed per study for the report
     preview_items: int | None = None  # items of each array kept in the study-level pack (a preview for figures)
     needs: tuple[str, ...] = ()  # see NEED_KINDS

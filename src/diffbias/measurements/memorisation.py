@@ -475,6 +475,7 @@ register_measurement(Measurement(
     compute=compute,
     settings=SETTINGS,
     N=[],  # opt-in: sampling and searching every run is a config's choice (config.yaml, paper-004.yaml)
+    pixel_only=True,  # searches the pool's pixels; a latent pool holds latents (docs/memorisation.md "Not done")
     arrays=True,
     needs=("snapshots", "shared:train_inception"),
     cost=cost,
