@@ -223,12 +223,12 @@ def save_image_folder(images_uint8: Any, folder: str | os.PathLike) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _feature_extractor(weights: str, device: str):
-    """torch-fidelity's Inception feature extractor, built once per process and device: a job that scores many
-    sample sets (a FreeU grid, an FID curve) loads the weights once."""
+def _feature_extractor(weights: str, device: str, layers: tuple[str, ...] = (FEATURE_LAYER,)):
+    """torch-fidelity's Inception feature extractor, built once per process, device and output layers: a job that
+    scores many sample sets (a FreeU grid, an FID curve) loads the weights once."""
     from torch_fidelity.utils import create_feature_extractor
 
-    return create_feature_extractor(FEATURE_EXTRACTOR, [FEATURE_LAYER], cuda=device.startswith("cuda"),
+    return create_feature_extractor(FEATURE_EXTRACTOR, list(layers), cuda=device.startswith("cuda"),
                                     feature_extractor_weights_path=weights, verbose=False)
 
 
@@ -241,19 +241,8 @@ def inception_features(
     cpu_threads: int | None = None,
 ) -> torch.Tensor:
     """(n, 2048) float32 pool features of uint8 (N,C,H,W) images, exactly as compute_image_metrics sees them."""
-    from torch_fidelity.utils import get_featuresdict_from_dataset
-
-    x = _as_uint8_nchw(images_uint8, "images_uint8")
-    weights = resolve_weights(weights_path)
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    ctx = torch.cuda.device(dev) if cuda and dev.index is not None else contextlib.nullcontext()
-    with ctx, limit_cpu_threads(cpu_threads):
-        extractor = _feature_extractor(str(weights), str(dev))
-        feats = get_featuresdict_from_dataset(
-            _UInt8ImageDataset(x), extractor, batch_size=int(batch_size), cuda=cuda, save_cpu_ram=True, verbose=False
-        )
-    return feats[FEATURE_LAYER].float().cpu()
+    return inception_outputs(images_uint8, batch_size=batch_size, device=device, weights_path=weights_path,
+                             cpu_threads=cpu_threads, spatial=False, logits=False)["pool"]
 
 
 def kid_subset_size_for(n: int, m: int) -> int:
@@ -369,13 +358,13 @@ def inception_outputs(
     """One pass of uint8 (N,C,H,W) images through Inception: ``pool`` (n, 2048, exactly :func:`inception_features`),
     ``spatial`` (n, 2023: ADM's sFID features, NHWC order as ADM flattens them) when ``spatial``, and ``logits``
     (n, 1008) when the weights carry a classifier (``logits=None``: whenever they do; True without one raises)."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     from .inception_weights import has_classifier
 
     x = _as_uint8_nchw(images_uint8, "images_uint8")
     weights = resolve_weights(weights_path)
-    classifier = has_classifier(weights)
+    classifier = logits is not False and has_classifier(weights)  # (reading the file's classifier costs a load)
     if logits and not classifier:
         raise ValueError(f"{weights} cannot give logits: {MISSING_IS_TENSOR}")
     layers = [FEATURE_LAYER] + ([ISC_LAYER] if (classifier if logits is None else logits) else [])
@@ -384,8 +373,7 @@ def inception_outputs(
     ctx = torch.cuda.device(dev) if cuda and dev.index is not None else contextlib.nullcontext()
     captured: list[torch.Tensor] = []
     with ctx, limit_cpu_threads(cpu_threads):
-        extractor = create_feature_extractor(FEATURE_EXTRACTOR, layers, cuda=cuda,
-                                             feature_extractor_weights_path=str(weights), verbose=False)
+        extractor = _feature_extractor(str(weights), str(dev), tuple(layers))  # the hook below is removed after use
         hook = None
         if spatial:
             def keep(module, args, out):  # (B, 192, 17, 17) after ReLU -> ADM's [..., :7] in NHWC, flattened
