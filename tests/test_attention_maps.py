@@ -155,7 +155,12 @@ def test_plot_attention_maps(tmp_path):
     im = main[0].images[0]
     assert im.get_clim() == (0.0, 0.1)
     assert im.get_array().shape == (L, L)
-    assert len(main[0].child_axes) == 1 and main[0].child_axes[0].images[0].get_array().shape == GRID
+    inset = main[0].images[1]  # the centre query's row on the token grid, in the panel's top-right corner
+    assert inset.get_array().shape == GRID and inset.get_clim() == (0.0, 0.1)
+    left, right, bottom, top = inset.get_extent()
+    assert (left, right) == pytest.approx((-0.5 + 0.6 * L, -0.5 + 0.98 * L))
+    assert (top, bottom) == pytest.approx((-0.5 + 0.02 * L, -0.5 + 0.4 * L))
+    assert main[0].get_xlim() == (-0.5, L - 0.5)  # the inset does not change the panel's extent
     log = plot_attention_maps(maps, GRID, layers=(1,), scale="log")
     assert [ax for ax in log.axes if ax.get_title() == "Layer 1"][0].images[0].get_clim() == (0.0, 1.0)
     import matplotlib.pyplot as plt

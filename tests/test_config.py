@@ -135,3 +135,17 @@ def test_freeu_sample_points_must_be_on_the_grid():
     cfg["studies"]["gmm_s"]["freeu_grid"]["sample_points"].append([1.8, 0.9])
     err = _error(cfg)
     assert err.key == "studies.gmm_s.freeu_grid.sample_points" and "(1.8, 0.9)" in str(err)
+
+
+def test_the_schema_is_parsed_once_per_file_version_and_handed_out_as_a_copy():
+    """Every measurement job validates its settings against the schema: it is built once per process (and schema
+    file version), and a caller that changes the dict it got does not change the next caller's."""
+    from diffbias import config
+
+    first = config.load_schema()
+    before = config._built_schema.cache_info()
+    first["properties"].clear()
+    second = config.load_schema()
+    after = config._built_schema.cache_info()
+    assert "evaluation" in second["properties"] and "psnr" in second["properties"]["evaluation"]["properties"]
+    assert after.misses == before.misses and after.hits == before.hits + 1

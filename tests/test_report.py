@@ -229,3 +229,42 @@ def test_the_psnr_caption_says_whether_x0_was_clipped():
     assert "clip: true" in clip_note(psnr.assign(x0_clipped=True))
     assert clip_note(psnr.assign(x0_clipped=[True, False])).startswith("Mixed")
     assert "not recorded" in clip_note(psnr.drop(columns="x0_clipped"))
+
+
+def _aligned_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute pixel difference of two renderings at the best offset of at most one pixel each way."""
+    best = np.inf
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            x, y = a[max(0, dy):, max(0, dx):], b[max(0, -dy):, max(0, -dx):]
+            h, w = min(x.shape[0], y.shape[0]) - 1, min(x.shape[1], y.shape[1]) - 1
+            best = min(best, float(np.abs(x[:h, :w].astype(int) - y[:h, :w].astype(int)).mean()))
+    return best
+
+
+@pytest.mark.parametrize("beyond_canvas", [False, True])
+def test_a_figure_png_is_matplotlibs_tight_crop_from_one_drawing(tmp_path, beyond_canvas):
+    """The report draws each figure once for its PNG and crops it to the tight box: the PNG has the size and the
+    pixels of savefig(bbox_inches="tight") (up to a pixel of placement), also when a label lies beyond the canvas."""
+    from PIL import Image
+
+    from diffbias.sections import plt, tight_png
+
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(5, 2.5))
+    axes[0].plot([0, 1, 2], [2, 0, 1], lw=2)
+    axes[1].imshow(np.arange(64).reshape(8, 8), interpolation="nearest")
+    axes[0].set_ylabel("PSNR gap (dB)")
+    fig.suptitle("a title")
+    if beyond_canvas:
+        fig.text(1.05, 0.5, "beyond the right edge")
+    fig.savefig(tmp_path / "reference.png", dpi=150, bbox_inches="tight")
+    box = tight_png(fig, tmp_path / "one_draw.png", dpi=150)
+    reference = np.asarray(Image.open(tmp_path / "reference.png"))
+    ours = np.asarray(Image.open(tmp_path / "one_draw.png"))
+    pyplot.close(fig)
+    assert abs(ours.shape[0] - reference.shape[0]) <= 2 and abs(ours.shape[1] - reference.shape[1]) <= 2
+    assert abs(box.width * 150 - reference.shape[1]) <= 2  # the box handed to the PDF page is the same crop
+    assert _aligned_difference(ours, reference) < 1.0
+    if beyond_canvas:
+        assert ours.shape[1] > 5 * 150  # wider than the canvas: the label is inside, not cut off
