@@ -242,10 +242,11 @@ def _aligned_difference(a: np.ndarray, b: np.ndarray) -> float:
     return best
 
 
-@pytest.mark.parametrize("beyond_canvas", [False, True])
+@pytest.mark.parametrize("beyond_canvas", ["nothing", "padding", "label"])
 def test_a_figure_png_is_matplotlibs_tight_crop_from_one_drawing(tmp_path, beyond_canvas):
     """The report draws each figure once for its PNG and crops it to the tight box: the PNG has the size and the
-    pixels of savefig(bbox_inches="tight") (up to a pixel of placement), also when a label lies beyond the canvas."""
+    pixels of savefig(bbox_inches="tight") (up to a pixel of placement), also when the box's padding or a label
+    lies beyond the canvas."""
     from PIL import Image
 
     from diffbias.sections import plt, tight_png
@@ -255,8 +256,8 @@ def test_a_figure_png_is_matplotlibs_tight_crop_from_one_drawing(tmp_path, beyon
     axes[0].plot([0, 1, 2], [2, 0, 1], lw=2)
     axes[1].imshow(np.arange(64).reshape(8, 8), interpolation="nearest")
     axes[0].set_ylabel("PSNR gap (dB)")
-    fig.suptitle("a title")
-    if beyond_canvas:
+    fig.suptitle("a title", y=1.0 if beyond_canvas == "padding" else 0.98, va="top")
+    if beyond_canvas == "label":
         fig.text(1.05, 0.5, "beyond the right edge")
     fig.savefig(tmp_path / "reference.png", dpi=150, bbox_inches="tight")
     box = tight_png(fig, tmp_path / "one_draw.png", dpi=150)
@@ -266,5 +267,7 @@ def test_a_figure_png_is_matplotlibs_tight_crop_from_one_drawing(tmp_path, beyon
     assert abs(ours.shape[0] - reference.shape[0]) <= 2 and abs(ours.shape[1] - reference.shape[1]) <= 2
     assert abs(box.width * 150 - reference.shape[1]) <= 2  # the box handed to the PDF page is the same crop
     assert _aligned_difference(ours, reference) < 1.0
-    if beyond_canvas:
+    if beyond_canvas == "label":
         assert ours.shape[1] > 5 * 150  # wider than the canvas: the label is inside, not cut off
+    if beyond_canvas == "padding":
+        assert (ours[0, :, :3] == 255).all()  # the padding above the title: background beyond the canvas

@@ -92,7 +92,10 @@ def save_figure(ctx: dict, fig, name: str) -> None:
 
 def tight_png(fig, path, dpi: float = PNG_DPI):
     """Write ``fig`` as a PNG cropped to its tight bounding box (matplotlib's ``bbox_inches="tight"`` with its
-    ``savefig.pad_inches``) from one drawing; returns that box in inches, for the figure's other formats."""
+    ``savefig.pad_inches``) from one drawing; returns that box in inches, for the figure's other formats.
+
+    Padding that reaches past the canvas is filled with the figure's background, as matplotlib's own re-rendering
+    gives; only when something is drawn beyond the canvas does matplotlib render again, on a canvas the box's size."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
@@ -102,16 +105,24 @@ def tight_png(fig, path, dpi: float = PNG_DPI):
     try:
         fig.set_dpi(dpi)
         canvas.draw()
-        box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+        tight = fig.get_tightbbox(canvas.get_renderer())
+        box = tight.padded(matplotlib.rcParams["savefig.pad_inches"])
         pixels = np.asarray(canvas.buffer_rgba())
         height, width = pixels.shape[:2]
+        inside = tight.x0 * dpi >= -0.5 and tight.y0 * dpi >= -0.5 and tight.x1 * dpi <= width + 0.5 \
+            and tight.y1 * dpi <= height + 0.5
+        if not inside:  # something drawn beyond the canvas
+            fig.savefig(path, dpi=dpi, bbox_inches=box, format="png")
+            return box
         x0, y0, x1, y1 = (box.extents * dpi).tolist()
         left, right = int(np.floor(x0)), int(np.ceil(x1))
         top, bottom = int(np.floor(height - y1)), int(np.ceil(height - y0))  # image rows count from the top
-        if left >= 0 and top >= 0 and right <= width and bottom <= height:
-            Image.fromarray(pixels[top:bottom, left:right]).save(path, format="png", dpi=(dpi, dpi))
-        else:  # something drawn beyond the canvas: matplotlib re-renders on a canvas the box's size
-            fig.savefig(path, dpi=dpi, bbox_inches=box, format="png")
+        background = np.asarray(matplotlib.colors.to_rgba(fig.get_facecolor())) * 255
+        out = np.empty((bottom - top, right - left, 4), dtype=np.uint8)
+        out[:] = np.round(background).astype(np.uint8)
+        rows, cols = slice(max(top, 0), min(bottom, height)), slice(max(left, 0), min(right, width))
+        out[rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = pixels[rows, cols]
+        Image.fromarray(out).save(path, format="png", dpi=(dpi, dpi))
     finally:
         fig.set_dpi(original_dpi)
     return box
