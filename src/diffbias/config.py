@@ -74,8 +74,8 @@ def load_schema() -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _built_schema(mtime_ns: int, registered: tuple) -> dict:
-    # Built once per schema file version and registry: parsing was ~0.2 s of every measurement job, and the job
-    # worker builds it before it forks (worker._warm_up).
+    # Built once per schema file version and registry (~0.06 s that every measurement job paid); the job worker
+    # builds it before it forks (worker._warm_up).
     from .measurements import load, quantities
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
@@ -258,10 +258,10 @@ def _check_semantics(config: dict) -> None:
         for b in [] if baseline is None else [baseline] if isinstance(baseline, str) else baseline:
             if b not in study["variants"]:
                 raise ConfigError(f"{skey}.baseline", f"baseline {b!r} is not one of the study's variants")
+        latent = [d for d in study_datasets(study) if config["datasets"][d].get("latents")]
         for m in measurements.values():  # a measurement's own checks of its settings (FreeU: points on its grid)
             if m.check and m.scope == "study" and m.key in study:
                 _raise_check(m, study[m.key], f"{skey}.{m.key}")
-            latent = [d for d in study_datasets(study) if config["datasets"][d].get("latents")]
             measured = config["evaluation"][m.key].get("N") if m.scope == "run" else None
             if m.pixel_only and latent and (measured is None or set(measured) & set(study["N"])):
                 raise ConfigError(f"evaluation.{m.key}.N", f"{m.name} reads the training pool's pixels, but study "

@@ -117,9 +117,8 @@ def tight_png(fig, path, dpi: float = PNG_DPI):
         x0, y0, x1, y1 = (box.extents * dpi).tolist()
         left, right = int(np.floor(x0)), int(np.ceil(x1))
         top, bottom = int(np.floor(height - y1)), int(np.ceil(height - y0))  # image rows count from the top
-        background = np.asarray(matplotlib.colors.to_rgba(fig.get_facecolor())) * 255
-        out = np.empty((bottom - top, right - left, 4), dtype=np.uint8)
-        out[:] = np.round(background).astype(np.uint8)
+        background = np.round(np.asarray(matplotlib.colors.to_rgba(fig.get_facecolor())) * 255).astype(np.uint8)
+        out = np.full((bottom - top, right - left, 4), background, dtype=np.uint8)
         rows, cols = slice(max(top, 0), min(bottom, height)), slice(max(left, 0), min(right, width))
         out[rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = pixels[rows, cols]
         Image.fromarray(out).save(path, format="png", dpi=(dpi, dpi))

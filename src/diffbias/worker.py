@@ -594,8 +594,8 @@ def _preload(enabled: bool) -> None:
 
 def _warm_up() -> None:
     """Build, once before forking, what many jobs would each build on first use: the config schema with every
-    measurement's settings (~0.2 s per measurement job) and torch's forward-AD decompositions (TorchScript,
-    ~0.3 s per Jacobian job). Neither touches a tensor library's thread pools or CUDA."""
+    measurement's settings (~0.06 s per measurement job) and torch's forward-AD decompositions (TorchScript,
+    ~0.13 s per Jacobian job). Neither touches a tensor library's thread pools or CUDA."""
     for what, warm in (("config schema", _warm_schema), ("forward-AD decompositions", _warm_forward_ad)):
         t0 = time.perf_counter()
         try:
